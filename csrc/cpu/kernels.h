@@ -1,0 +1,32 @@
+// CPU kernels of octav_kernels. Every tensor argument is contiguous and already validated by
+// octav_kernels/ops.py; a tensor is seen as [outer, n_groups, inner] and group c is x[:, c, :]
+// (see octav_kernels/_args.py: Groups).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace octav::cpu {
+
+// (S_out float32, n_in int64, n_out int64) per group at the given float32 scale [n_groups].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
+                                                           const at::Tensor& scale,
+                                                           int64_t outer, int64_t n_groups,
+                                                           int64_t inner, bool is_signed);
+
+// OCTAV fixed point per group; init is an empty tensor (cold start) or float32 [n_groups].
+at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
+                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
+                       int64_t max_iters, double rtol);
+
+// q = clamp(round(x / step), lo, hi) * step with step = s / L; q = 0 where s == 0.
+at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
+                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi);
+
+// grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3). grad has x's dtype.
+at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                                  int64_t inner, bool is_signed, int64_t mode);
+
+}  // namespace octav::cpu

@@ -1,0 +1,14 @@
+// Python bindings of the compiled kernels (octav_kernels._C). The op schemas, checks, fake
+// kernels and autograd live in octav_kernels/ops.py, so the package works without this module;
+// octav_kernels/backend.py decides when these kernels serve a call.
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "octav_kernels compiled kernels";
+  m.def("masked_sums_cpu", &octav::cpu::masked_sums);
+  m.def("octav_scale_cpu", &octav::cpu::octav_scale);
+  m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
+  m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
+}
