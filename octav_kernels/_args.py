@@ -1,0 +1,144 @@
+"""Argument checks and the group layout shared by every op and backend (SPEC §4, §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRADS = ("ste", "pwl", "mad")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """How a tensor splits into OCTAV groups.
+
+    With ``x`` contiguous and viewed as ``[outer, n_groups, inner]``, group ``c`` is
+    ``x[:, c, :]``: per tensor is ``(1, 1, numel)``, per channel ``dim=d`` is
+    ``(prod(shape[:d]), shape[d], prod(shape[d+1:]))``, per block of ``G`` along the last dim
+    is ``(1, numel // G, G)``. ``scale_shape`` is the shape of the scale tensor (SPEC §4).
+    """
+
+    outer: int
+    n_groups: int
+    inner: int
+    scale_shape: tuple[int, ...]
+    dim: int | None
+    group_size: int | None
+
+
+def check_x(x: object, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}"
+        )
+    if x.dtype == torch.float64 and x.device.type != "cpu":
+        raise TypeError(f"{name}: float64 is supported on CPU only, got {x.device}")
+    return x
+
+
+def check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_bits(bits: object) -> int:
+    check_int(bits, "bits")
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in 2..16, got {bits}")
+    return bits
+
+
+def check_grad(grad: object) -> str:
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    return grad
+
+
+def check_narrow(narrow: bool, signed: bool) -> None:
+    if narrow and not signed:
+        raise ValueError("narrow=True applies to signed grids only; got signed=False")
+
+
+def check_iteration(max_iters: object, rtol: object) -> None:
+    check_int(max_iters, "max_iters")
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+        raise TypeError(f"rtol must be a float, got {type(rtol).__name__}")
+    if not 0.0 <= rtol < float("inf"):
+        raise ValueError(f"rtol must be finite and >= 0, got {rtol}")
+
+
+def groups(x: torch.Tensor, dim: int | None, group_size: int | None) -> Groups:
+    """Validate ``dim`` / ``group_size`` against ``x`` and return the group layout."""
+    shape = tuple(x.shape)
+    numel = x.numel()
+    if dim is not None and group_size is not None:
+        raise ValueError("give at most one of dim (per channel) and group_size (per block)")
+    if dim is not None:
+        check_int(dim, "dim")
+        if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+            raise ValueError(f"dim={dim} is out of range for a tensor of shape {list(shape)}")
+        d = dim % x.dim()
+        inner = 1
+        for size in shape[d + 1 :]:
+            inner *= size
+        outer = 1
+        for size in shape[:d]:
+            outer *= size
+        return Groups(outer, shape[d], inner, (shape[d],), d, None)
+    if group_size is not None:
+        check_int(group_size, "group_size")
+        if group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        if x.dim() == 0 or shape[-1] % group_size != 0:
+            raise ValueError(
+                f"group_size={group_size} must divide the last dim of a tensor of shape "
+                f"{list(shape)}"
+            )
+        n_groups = numel // group_size
+        return Groups(1, n_groups, group_size, shape[:-1] + (shape[-1] // group_size,), None,
+                      group_size)
+    return Groups(1, 1, numel, (), None, None)
+
+
+def check_scale(scale: object, x: torch.Tensor, g: Groups, name: str = "scale") -> torch.Tensor:
+    """``scale`` must be a floating tensor of ``g.scale_shape`` on ``x``'s device; returns it as
+    a contiguous float32 tensor (a copy only where needed)."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
+    if tuple(scale.shape) != g.scale_shape:
+        raise ValueError(
+            f"{name} must have shape {list(g.scale_shape)} for this granularity, "
+            f"got {list(scale.shape)}"
+        )
+    if scale.device != x.device:
+        raise ValueError(f"{name} is on {scale.device} but x is on {x.device}")
+    return scale.to(torch.float32).contiguous()
+
+
+def levels(bits: int, signed: bool, narrow: bool) -> tuple[int, int, int]:
+    """``(L, lo, hi)``: the grid is ``step * [lo..hi]`` with ``step = s / L`` (SPEC §1).
+
+    signed: L = 2**(B-1), levels -2**(B-1)..2**(B-1)-1; narrow: L = 2**(B-1)-1, levels -L..L;
+    unsigned: L = 2**B, levels 0..2**B-1. The OCTAV constant is ``1 / (12 * L**2)``.
+    """
+    if not signed:
+        return 2**bits, 0, 2**bits - 1
+    half = 2 ** (bits - 1)
+    if narrow:
+        return half - 1, -(half - 1), half - 1
+    return half, -half, half - 1
+
+
+def octav_constant(bits: int, signed: bool, narrow: bool) -> float:
+    """``step**2 / (12 * s**2)``: 4**-B/3 signed, 4**-B/12 unsigned, 1/(12 (2**(B-1)-1)**2) narrow."""
+    L = levels(bits, signed, narrow)[0]
+    return 1.0 / (12.0 * L * L)

@@ -1,0 +1,169 @@
+"""Plain-PyTorch reference of every op (SPEC §1-§4): the oracle of the parity tests and the
+fallback backend when the compiled extension is missing.
+
+Sums and counts accumulate in float64 / int64. The quantizer is elementwise and defined in
+float32 (``x / step`` in float32, SPEC §1), so it is computed exactly that way here. Every
+function takes validated arguments (see ``octav_kernels.ops`` for the checks).
+
+Written independently of the kernels' ``[outer, groups, inner]`` index arithmetic: groups are
+formed with ``movedim`` / ``reshape`` and scales are broadcast back the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._args import levels, octav_constant
+
+
+def _as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
+    """``x`` as a ``[n_groups, group_len]`` matrix, one OCTAV group per row."""
+    if dim is not None:
+        return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+    if group_size is not None:
+        return x.reshape(-1, group_size)
+    return x.reshape(1, -1)
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int | None, group_size: int | None):
+    """Expand a scale of the granularity's shape to ``x``'s shape."""
+    if dim is not None:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return scale.reshape(shape).expand(x.shape)
+    if group_size is not None:
+        return scale.repeat_interleave(group_size, dim=-1).reshape(x.shape)
+    return scale.expand(x.shape)
+
+
+def _magnitudes(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The quantity OCTAV thresholds, in float64: |x| (signed) or x (unsigned; entries <= 0 are
+    ignored by the masks). Unsigned -inf is mapped to +inf so that every non-finite entry
+    reaches the scale (SPEC §6)."""
+    a = x.double()
+    if signed:
+        return a.abs()
+    return torch.where(torch.isinf(a), torch.inf, a)
+
+
+def _row_sums(a: torch.Tensor, s: torch.Tensor):
+    """``(S_out, n_in, n_out)`` per row of ``a`` against the per-row threshold ``s`` (float64).
+
+    in = {0 < a <= s}, out = {a > s} plus NaN entries (so NaN reaches S_out)."""
+    s = s.unsqueeze(1)
+    out = (a > s) | torch.isnan(a)
+    inside = (a > 0) & (a <= s)
+    s_out = torch.where(out, a, torch.zeros((), dtype=a.dtype)).sum(1)
+    return s_out, inside.sum(1, dtype=torch.int64), out.sum(1, dtype=torch.int64)
+
+
+def masked_sums(x, scale, signed=True, dim=None, group_size=None):
+    """One pass of the OCTAV statistics per group at the given scale (SPEC §2):
+    ``S_out = sum(a * 1{a > s})``, ``n_in = #{0 < a <= s}``, ``n_out = #{a > s}`` with
+    ``a = |x|`` (signed) or ``x`` (unsigned)."""
+    a = _magnitudes(_as_rows(x, dim, group_size), signed)
+    s_out, n_in, n_out = _row_sums(a, scale.double().reshape(-1))
+    shape = scale.shape
+    return s_out.float().reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
+
+
+def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
+                rtol=1e-6, narrow=False):
+    """MSE-optimal clipping scale by the OCTAV fixed point, per group (SPEC §2)::
+
+        s_next = S_out / (c * n_in + n_out),   c = 1 / (12 L**2)  (4**-B/3 signed)
+        s_next = max(a)                        if n_out == 0
+
+    Start: ``init`` where it is > 0, else one step from s = 0 (the mean of the nonzero a).
+    Stop at ``|s_next - s| <= rtol * s`` (or s_next == s, or NaN), at a 2-cycle
+    (s_next == s_prev, returns the smaller), or after ``max_iters`` steps. Every iterate is
+    rounded to float32, as the kernels keep it.
+    """
+    a = _magnitudes(_as_rows(x, dim, group_size), signed)
+    c = octav_constant(bits, signed, narrow)
+    a_max = torch.zeros(a.shape[0], dtype=a.dtype)
+    if a.shape[1] > 0:
+        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
+
+    def step(s):
+        s_out, n_in, n_out = _row_sums(a, s)
+        nxt = torch.where(n_out == 0, a_max, s_out / (c * n_in.double() + n_out.double()))
+        return nxt.float().double()
+
+    cold = step(torch.zeros(a.shape[0], dtype=torch.float64))
+    if init is None:
+        s = cold
+    else:
+        init = init.float().double().reshape(-1)
+        s = torch.where(init > 0, init, cold)
+    prev = torch.full_like(s, float("nan"))
+    done = torch.zeros_like(s, dtype=torch.bool)
+    for _ in range(max_iters):
+        nxt = step(s)
+        converged = (nxt == s) | ((nxt - s).abs() <= rtol * s) | torch.isnan(nxt)
+        cycle = ~converged & (nxt == prev)
+        result = torch.where(cycle, torch.minimum(s, nxt), nxt)
+        prev = torch.where(done, prev, s)
+        s = torch.where(done, s, result)
+        done = done | converged | cycle
+        if bool(done.all()):
+            break
+    return s.float().reshape(_scale_shape(x, dim, group_size))
+
+
+def _scale_shape(x, dim, group_size):
+    if dim is not None:
+        return (x.shape[dim],)
+    if group_size is not None:
+        return tuple(x.shape[:-1]) + (x.shape[-1] // group_size,)
+    return ()
+
+
+def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                  narrow=False):
+    """Forward of the clip-quantize op (SPEC §1), in float32 whatever x's dtype::
+
+        step = s / L;  q = clamp(round_half_even(x / step), lo, hi) * step;  q = 0 where s == 0
+    """
+    L, lo, hi = levels(bits, signed, narrow)
+    s = _broadcast(scale.float(), x, dim, group_size)
+    step = s / L
+    q = torch.clamp(torch.round(x.float() / step), lo, hi) * step
+    return torch.where(s == 0, torch.zeros((), dtype=q.dtype), q).to(x.dtype)
+
+
+def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
+                           grad="mad"):
+    """Gradient of fake_quantize w.r.t. x (SPEC §3), in x's compute type (float64 for float64,
+    else float32)::
+
+        inside (|x| <= s; unsigned 0 <= x <= s):  g
+        otherwise: ste g;  pwl 0;  mad g * (s / |x|)   (unsigned x < 0: 0 for pwl and mad)
+    """
+    ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad_out.to(ctype)
+    if grad == "ste":
+        return g.to(x.dtype)
+    xc = x.to(ctype)
+    s = _broadcast(scale.to(ctype), x, dim, group_size)
+    zero = torch.zeros((), dtype=ctype)
+    if signed:
+        a = xc.abs()
+        inside = a <= s
+        below = torch.zeros_like(inside)
+    else:
+        a = xc
+        inside = (xc >= 0) & (xc <= s)
+        below = xc < 0
+    if grad == "pwl":
+        out = torch.where(inside, g, zero)
+    else:
+        out = torch.where(inside, g, torch.where(below, zero, g * (s / a)))
+    return out.to(x.dtype)
+
+
+def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
+                        narrow=False):
+    """``(fake_quantize(x, s), s)`` with ``s = octav_scale(x, ...)`` (default iteration)."""
+    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
+    return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
