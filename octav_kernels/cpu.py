@@ -1,0 +1,45 @@
+"""CPU backend: the C++ kernels of ``octav_kernels._C`` (csrc/cpu/), same signatures as
+``octav_kernels.reference``."""
+
+from __future__ import annotations
+
+import torch
+
+from ._args import GRADS, groups, levels, octav_constant
+from .backend import compiled
+
+
+def _flat(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1).float().contiguous()
+
+
+def masked_sums(x, scale, signed=True, dim=None, group_size=None):
+    g = groups(x, dim, group_size)
+    s_out, n_in, n_out = compiled().masked_sums_cpu(
+        x.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner, signed)
+    return s_out.reshape(g.scale_shape), n_in.reshape(g.scale_shape), n_out.reshape(g.scale_shape)
+
+
+def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
+                rtol=1e-6, narrow=False):
+    g = groups(x, dim, group_size)
+    init_flat = torch.empty(0) if init is None else _flat(init)
+    scale = compiled().octav_scale_cpu(
+        x.contiguous(), init_flat, g.outer, g.n_groups, g.inner, signed,
+        octav_constant(bits, signed, narrow), max_iters, rtol)
+    return scale.reshape(g.scale_shape)
+
+
+def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                  narrow=False):
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_cpu(
+        x.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner, *levels(bits, signed, narrow))
+
+
+def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
+                           grad="mad"):
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_backward_cpu(
+        grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
+        g.inner, signed, GRADS.index(grad))

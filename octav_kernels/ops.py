@@ -1,0 +1,293 @@
+"""The ``torch.ops.octav`` custom ops (SPEC §5): schemas, input checks, fake kernels, autograd,
+and the Python wrappers of the same names.
+
+Each op's implementation validates its arguments (SPEC §6), returns early on empty input, and
+hands the call to the backend that ``octav_kernels.backend.select`` picks. The ops are opaque to
+``torch.compile`` (fake kernels give the output shapes), so they compile with
+``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _args, backend
+from ._args import Groups
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the real and the fake kernels
+
+
+def _check_common(x, bits, signed, dim, group_size, narrow=False) -> Groups:
+    _args.check_x(x)
+    if bits is not None:
+        _args.check_bits(bits)
+    _args.check_narrow(narrow, signed)
+    return _args.groups(x, dim, group_size)
+
+
+def _check_octav(x, bits, signed, dim, group_size, init, narrow):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    if init is not None:
+        init = _args.check_scale(init, x, g, "init")
+    return g, init
+
+
+# ---------------------------------------------------------------------------------------------
+# octav::octav_scale
+
+
+@torch.library.custom_op(
+    "octav::octav_scale", mutates_args=(),
+    schema="(Tensor x, int bits, bool signed=True, int? dim=None, int? group_size=None, "
+           "Tensor? init=None, int max_iters=32, float rtol=1e-6, bool narrow=False) -> Tensor")
+def _octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
+                 rtol=1e-6, narrow=False):
+    g, init = _check_octav(x, bits, signed, dim, group_size, init, narrow)
+    _args.check_iteration(max_iters, rtol)
+    if x.numel() == 0:
+        return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
+    return backend.select(x.device).octav_scale(
+        x, bits, signed, g.dim, g.group_size, init, max_iters, rtol, narrow)
+
+
+@_octav_scale.register_fake
+def _(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32, rtol=1e-6,
+      narrow=False):
+    g, _ = _check_octav(x, bits, signed, dim, group_size, init, narrow)
+    return x.new_empty(g.scale_shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# octav::masked_sums
+
+
+@torch.library.custom_op(
+    "octav::masked_sums", mutates_args=(),
+    schema="(Tensor x, Tensor scale, bool signed=True, int? dim=None, int? group_size=None) "
+           "-> (Tensor, Tensor, Tensor)")
+def _masked_sums(x, scale, signed=True, dim=None, group_size=None):
+    g = _check_common(x, None, signed, dim, group_size)
+    scale = _args.check_scale(scale, x, g)
+    if x.numel() == 0:
+        zeros = torch.zeros(g.scale_shape, dtype=torch.int64, device=x.device)
+        return zeros.float(), zeros, zeros.clone()
+    return backend.select(x.device).masked_sums(x, scale, signed, g.dim, g.group_size)
+
+
+@_masked_sums.register_fake
+def _(x, scale, signed=True, dim=None, group_size=None):
+    g = _check_common(x, None, signed, dim, group_size)
+    _args.check_scale(scale, x, g)
+    return (x.new_empty(g.scale_shape, dtype=torch.float32),
+            x.new_empty(g.scale_shape, dtype=torch.int64),
+            x.new_empty(g.scale_shape, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# octav::fake_quantize and its backward
+
+
+@torch.library.custom_op(
+    "octav::fake_quantize", mutates_args=(),
+    schema="(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
+           "int? group_size=None, str grad=\"mad\", bool narrow=False) -> Tensor")
+def _fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                   narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    _args.check_grad(grad)
+    scale = _args.check_scale(scale, x, g)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return backend.select(x.device).fake_quantize(
+        x, scale, bits, signed, g.dim, g.group_size, grad, narrow)
+
+
+@_fake_quantize.register_fake
+def _(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad", narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    _args.check_grad(grad)
+    _args.check_scale(scale, x, g)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _check_backward(grad_out, x, scale, signed, dim, group_size, grad):
+    g = _check_common(x, None, signed, dim, group_size)
+    _args.check_grad(grad)
+    scale = _args.check_scale(scale, x, g)
+    _args.check_x(grad_out, "grad_out")
+    if grad_out.shape != x.shape or grad_out.device != x.device:
+        raise ValueError(f"grad_out ({list(grad_out.shape)} on {grad_out.device}) must match x "
+                         f"({list(x.shape)} on {x.device})")
+    return g, scale
+
+
+@torch.library.custom_op(
+    "octav::fake_quantize_backward", mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor scale, bool signed=True, int? dim=None, "
+           "int? group_size=None, str grad=\"mad\") -> Tensor")
+def _fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
+                            grad="mad"):
+    g, scale = _check_backward(grad_out, x, scale, signed, dim, group_size, grad)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return backend.select(x.device).fake_quantize_backward(
+        grad_out, x, scale, signed, g.dim, g.group_size, grad)
+
+
+@_fake_quantize_backward.register_fake
+def _(grad_out, x, scale, signed=True, dim=None, group_size=None, grad="mad"):
+    _check_backward(grad_out, x, scale, signed, dim, group_size, grad)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _grad_x(ctx, grad_out):
+    """d(loss)/dx of the clip-quantize op by the estimator chosen in the forward (SPEC §3)."""
+    x, scale = ctx.saved_tensors
+    if ctx.grad == "ste":
+        return grad_out
+    return torch.ops.octav.fake_quantize_backward(
+        grad_out, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad)
+
+
+def _save_for_grad(ctx, x, scale, signed, dim, group_size, grad):
+    ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
+    ctx.save_for_backward(x, scale)
+
+
+def _fake_quantize_setup(ctx, inputs, output):
+    x, scale, _bits, signed, dim, group_size, grad, _narrow = inputs
+    _save_for_grad(ctx, x, scale, signed, dim, group_size, grad)
+
+
+def _fake_quantize_grad(ctx, grad_out):
+    return _grad_x(ctx, grad_out), None, None, None, None, None, None, None
+
+
+_fake_quantize.register_autograd(_fake_quantize_grad, setup_context=_fake_quantize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# octav::octav_fake_quantize
+
+
+@torch.library.custom_op(
+    "octav::octav_fake_quantize", mutates_args=(),
+    schema="(Tensor x, int bits, bool signed=True, int? dim=None, int? group_size=None, "
+           "str grad=\"mad\", Tensor? init=None, bool narrow=False) -> (Tensor, Tensor)")
+def _octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
+                         narrow=False):
+    _args.check_grad(grad)
+    scale = _octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
+    return _fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
+
+
+@_octav_fake_quantize.register_fake
+def _(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None, narrow=False):
+    g, _ = _check_octav(x, bits, signed, dim, group_size, init, narrow)
+    _args.check_grad(grad)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            x.new_empty(g.scale_shape, dtype=torch.float32))
+
+
+def _octav_fake_quantize_setup(ctx, inputs, output):
+    x, _bits, signed, dim, group_size, grad, _init, _narrow = inputs
+    ctx.mark_non_differentiable(output[1])
+    _save_for_grad(ctx, x, output[1], signed, dim, group_size, grad)
+
+
+def _octav_fake_quantize_grad(ctx, grad_y, grad_scale):
+    return _grad_x(ctx, grad_y), None, None, None, None, None, None, None
+
+
+_octav_fake_quantize.register_autograd(_octav_fake_quantize_grad,
+                                       setup_context=_octav_fake_quantize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers
+
+
+def _check_types(x, bits=None, dim=None, group_size=None, flags=(), tensors=()) -> None:
+    """Python-type checks the dispatcher would otherwise report as a bare RuntimeError."""
+    _args.check_x(x)
+    if bits is not None:
+        _args.check_int(bits, "bits")
+    for name, value in (("dim", dim), ("group_size", group_size)):
+        if value is not None:
+            _args.check_int(value, name)
+    for name, value in flags:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in tensors:
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
+                group_size: int | None = None, init: torch.Tensor | None = None,
+                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False) -> torch.Tensor:
+    """MSE-optimal clipping scale of ``x`` by the OCTAV fixed point (SPEC §2), float32.
+
+    Per group (whole tensor; ``dim=d``: one per index along d; ``group_size=G``: blocks of G
+    along the last dim), with ``a = |x|`` (``x`` if unsigned) and zeros excluded::
+
+        s <- S_out / (4**-B / 3 * n_in + n_out)     S_out = sum(a * 1{a > s})
+                                                     n_in = #{0 < a <= s}, n_out = #{a > s}
+
+    (``/12`` unsigned; ``1 / (12 (2**(B-1)-1)**2)`` with ``narrow``), starting at ``init`` where
+    it is > 0, else at the mean of the nonzero ``a``, until ``|s_next - s| <= rtol * s``, a
+    2-cycle (the smaller scale is returned) or ``max_iters`` steps. NaN in a group gives a NaN
+    scale; inf gives inf; an all-zero (or empty) group gives 0.
+    """
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
+                 (("init", init),))
+    _args.check_iteration(max_iters, rtol)
+    return torch.ops.octav.octav_scale(x, bits, signed, dim, group_size, init, max_iters,
+                                       float(rtol), narrow)
+
+
+def masked_sums(x: torch.Tensor, scale: torch.Tensor, *, signed: bool = True,
+                dim: int | None = None, group_size: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One OCTAV pass per group: ``(S_out float32, n_in int64, n_out int64)`` at ``scale``.
+
+    ``S_out = sum(a * 1{a > s})``, ``n_in = #{0 < a <= s}``, ``n_out = #{a > s}`` with
+    ``a = |x|`` (``x`` if unsigned; NaN entries count as out). Data-parallel training can
+    all-reduce the three and iterate on the global statistics.
+    """
+    _check_types(x, None, dim, group_size, (("signed", signed),), (("scale", scale),))
+    return torch.ops.octav.masked_sums(x, scale, signed, dim, group_size)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
+                  dim: int | None = None, group_size: int | None = None, grad: str = "mad",
+                  narrow: bool = False) -> torch.Tensor:
+    """Clip-quantize ``x`` on the ``bits``-bit grid of ``scale`` (SPEC §1), differentiable in x::
+
+        step = s * 2**(1-B);  q = clamp(round(x / step), -2**(B-1), 2**(B-1)-1) * step
+
+    (unsigned: ``step = s * 2**-B``, levels ``0..2**B-1``; ``narrow``: ``step = s/(2**(B-1)-1)``,
+    levels ``±(2**(B-1)-1)``). Rounds half to even in float32; q = 0 where s == 0. The backward
+    is ``grad`` in {"ste", "pwl", "mad"} (SPEC §3); the scale gets no gradient.
+    """
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
+                 (("scale", scale),))
+    _args.check_grad(grad)
+    return torch.ops.octav.fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
+
+
+def octav_fake_quantize(x: torch.Tensor, bits: int, *, signed: bool = True,
+                        dim: int | None = None, group_size: int | None = None,
+                        grad: str = "mad", init: torch.Tensor | None = None,
+                        narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fake_quantize(x, s, bits, ...), s)`` with ``s = octav_scale(x, bits, ...)``.
+
+    The usual QAT call: one op finds the OCTAV scale (warm-started from ``init``, e.g. the last
+    step's scale) and fake-quantizes with it; gradients flow to x by ``grad``.
+    """
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
+                 (("init", init),))
+    _args.check_grad(grad)
+    return torch.ops.octav.octav_fake_quantize(x, bits, signed, dim, group_size, grad, init,
+                                               narrow)

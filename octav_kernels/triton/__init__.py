@@ -1,0 +1,6 @@
+"""Triton backend: kernels for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``)."""
+
+from .fake_quant import fake_quantize, fake_quantize_backward
+from .octav import masked_sums, octav_scale
+
+__all__ = ["fake_quantize", "fake_quantize_backward", "masked_sums", "octav_scale"]

@@ -1,0 +1,34 @@
+"""Launch helpers shared by the Triton kernel families."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend takes float32, float16 or bfloat16, got {x.dtype}")
+
+
+def block_size(n: int, largest: int = 1024) -> int:
+    """Elements per block: the next power of two of ``n``, between 16 and ``largest``."""
+    return max(16, min(largest, triton.next_power_of_2(max(n, 1))))
+
+
+def exact_bf16_store(dtype: torch.dtype) -> bool:
+    """Whether kernels must round float32 -> bfloat16 themselves before storing: the Triton
+    interpreter (3.9) truncates that conversion, where compiled Triton and PyTorch round to
+    nearest even. Compiled kernels skip the extra integer ops."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def round_to_bf16(v):
+    """float32 -> nearest-even bfloat16 value (kept in float32, so any later cast is exact)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
