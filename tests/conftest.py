@@ -1,0 +1,86 @@
+"""The backend / dtype matrix of the parity suite, test data, and the tolerance table.
+
+Triton runs on CPU tensors through its interpreter: TRITON_INTERPRET must be set before triton
+is first imported, hence at the very top of this file.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from octav_kernels import backend  # noqa: E402
+
+def _backend_param(name: str, reason: str):
+    ok = backend.available(name, torch.device("cpu"))
+    if not ok and name in os.environ.get("OCTAV_REQUIRE_BACKENDS", "").split(","):
+        pytest.exit(f"OCTAV_REQUIRE_BACKENDS lists {name!r}, which is unavailable: {reason}",
+                    returncode=3)
+    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=reason), id=name)
+
+
+# Backends checked against octav_kernels.reference (the oracle, never "checked" against itself).
+# CI sets OCTAV_REQUIRE_BACKENDS=cpu,triton so that a missing backend fails instead of skipping.
+KERNEL_BACKENDS = [
+    _backend_param("cpu", "octav_kernels._C not built"),
+    _backend_param("triton", "triton not installed or TRITON_INTERPRET unset"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+BITS = [2, 3, 4, 8, 16]
+# (signed, narrow)
+GRIDS = [pytest.param((True, False), id="signed"), pytest.param((False, False), id="unsigned"),
+         pytest.param((True, True), id="narrow")]
+# Granularities on the matrix shape (6, 5, 12): per tensor; per channel along a leading, a middle
+# (strided groups) and the last dim (inner = 1); blocks of 4 along the last dim.
+MATRIX_SHAPE = (6, 5, 12)
+GRANULARITIES = [
+    pytest.param({}, id="tensor"),
+    pytest.param({"dim": 0}, id="dim0"),
+    pytest.param({"dim": 1}, id="dim1"),
+    pytest.param({"dim": -1}, id="dim-1"),
+    pytest.param({"group_size": 4}, id="group4"),
+]
+
+# Relative tolerance of a returned scale against the reference, per input dtype. Every input
+# dtype converts exactly to float32 (and float64 stays float64), so backends differ only in how
+# S_out is accumulated: float64 in the reference and the C++ kernels, float32 per block in Triton
+# (relative error below ~log2(n) * 2**-24 for the n <= 40000 elements of a test group), plus the
+# final float32 rounding of s (2**-24). 1e-5 bounds both with margin; it is far below what a
+# wrong count would cause (one element moving across s changes s by ~1/n, >= 2.5e-5 here).
+SCALE_RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5,
+              torch.float64: 1e-5}
+# fake_quantize and its backward are elementwise IEEE float32 (float64 for float64 gradients)
+# with the same operation order on every backend: results must match bit for bit.
+
+
+# (backend, dtype) pairs of the matrix; float64 is CPU-only (SPEC §6), so not for triton.
+BACKEND_DTYPES = [
+    pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.values[0]}-{str(dtype)[6:]}")
+    for b in KERNEL_BACKENDS for dtype in DTYPES
+    if not (b.values[0] == "triton" and dtype == torch.float64)
+]
+
+
+def make_data(shape, dtype=torch.float32, signed=True, seed=0, zeros=0.1):
+    """Heavy-tailed test data (Gaussian with log-normal magnitudes) with a fraction of exact
+    zeros; unsigned data keeps some negative entries, which OCTAV must ignore."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x * torch.exp(0.5 * torch.randn(shape, generator=gen, dtype=torch.float64))
+    x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < zeros, 0.0, x)
+    if not signed:
+        x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.8, x.abs(), x)
+    return x.to(dtype)
+
+
+def assert_scale_close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, rtol=SCALE_RTOL[dtype], atol=0.0,
+                               equal_nan=True)
+
+
+def assert_bitwise(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0, equal_nan=True)

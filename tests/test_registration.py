@@ -1,0 +1,116 @@
+"""The torch.library side: opcheck on every op, torch.compile(fullgraph=True) against eager,
+backend selection and the fallback when the compiled extension is missing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import octav_kernels as ok
+from octav_kernels import backend, use_backend
+
+from conftest import KERNEL_BACKENDS, assert_bitwise, make_data
+
+OPCHECK_BACKENDS = ["reference"] + KERNEL_BACKENDS
+
+
+def sample_inputs():
+    """(op, args, kwargs) covering every op and granularity once."""
+    x = make_data((6, 10), seed=31).requires_grad_()
+    xu = make_data((4, 3, 8), seed=32, signed=False).requires_grad_()
+    s_c = make_data((6, 10), seed=31).abs().amax(1) * 0.6
+    s_g = xu.detach().abs().reshape(4, 3, 2, 4).amax(-1) * 0.6
+    g = make_data((6, 10), seed=33)
+    o = torch.ops.octav
+    return [
+        (o.octav_scale.default, (x.detach(), 4), {}),
+        (o.octav_scale.default, (x.detach(), 3), {"dim": 0, "init": s_c, "rtol": 0.0}),
+        (o.octav_scale.default, (xu.detach(), 8), {"signed": False, "group_size": 4}),
+        (o.masked_sums.default, (x.detach(), s_c), {"dim": 0}),
+        (o.masked_sums.default, (xu.detach(), s_g), {"signed": False, "group_size": 4}),
+        (o.fake_quantize.default, (x, s_c, 4), {"dim": 0, "grad": "mad"}),
+        (o.fake_quantize.default, (x, s_c.amax(), 2), {"grad": "pwl", "narrow": True}),
+        (o.fake_quantize.default, (xu, s_g, 4), {"signed": False, "group_size": 4,
+                                                 "grad": "ste"}),
+        (o.fake_quantize_backward.default, (g, x.detach(), s_c), {"dim": 0, "grad": "mad"}),
+        (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
+        (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
+    ]
+
+
+@pytest.mark.parametrize("name", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("case", range(len(sample_inputs())))
+def test_opcheck(name, case):
+    op, args, kwargs = sample_inputs()[case]
+    with use_backend(name):
+        torch.library.opcheck(op, args, kwargs)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    def qat_step(w, a, scale_a):
+        wq, sw = ok.octav_fake_quantize(w, 4, dim=0, grad="mad")
+        aq = ok.fake_quantize(a, scale_a, 8, signed=False, grad="pwl")
+        sums = ok.masked_sums(a, scale_a, signed=False)
+        return (wq, sw, aq) + sums
+
+    w = make_data((16, 32), seed=34)
+    a = make_data((8, 32), seed=35, signed=False)
+    grad_w = make_data((16, 32), seed=36)
+    scale_a = ok.octav_scale(a, 8, signed=False)
+    compiled = torch.compile(qat_step, fullgraph=True)
+    results = []
+    for fn in (qat_step, compiled):
+        wl = w.clone().requires_grad_()
+        outputs = fn(wl, a, scale_a)
+        outputs[0].backward(grad_w)
+        results.append([t.detach() for t in outputs] + [wl.grad])
+    for eager, comp in zip(*results):
+        assert_bitwise(comp, eager)
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OCTAV_BACKEND", raising=False)
+    expected_default = "cpu" if backend.available("cpu", cpu) else "reference"
+    assert backend.select(cpu).__name__ == f"octav_kernels.{expected_default}"
+    monkeypatch.setenv("OCTAV_BACKEND", "reference")
+    assert backend.select(cpu).__name__ == "octav_kernels.reference"
+    with use_backend("auto"):  # use_backend wins over the environment
+        assert backend.select(cpu).__name__ == f"octav_kernels.{expected_default}"
+    monkeypatch.setenv("OCTAV_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="OCTAV_BACKEND"):
+        ok.octav_scale(torch.ones(3), 4)
+    monkeypatch.setenv("OCTAV_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot serve cpu tensors"):
+        ok.octav_scale(torch.ones(3), 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("fastest"):
+            pass
+
+
+def test_falls_back_to_reference_without_extension():
+    """With octav_kernels._C unimportable the package still imports, warns once, and every op
+    is served by the reference."""
+    script = """
+import sys, warnings
+sys.modules["octav_kernels._C"] = None  # makes `from . import _C` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, octav_kernels as ok
+    from octav_kernels import backend, reference
+    x = torch.randn(5, 7)
+    y, s = ok.octav_fake_quantize(x, 4, dim=0)
+    assert backend.select(x.device) is reference
+    assert torch.equal(s, reference.octav_scale(x, 4, dim=0))
+    assert torch.equal(y, reference.fake_quantize(x, s, 4, dim=0))
+messages = [str(w.message) for w in caught if "octav_kernels._C" in str(w.message)]
+assert len(messages) == 1, messages
+print("fallback ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OCTAV_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fallback ok" in done.stdout
