@@ -22,7 +22,8 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    sources = ["csrc/ops.cpp"] + cpu_sources
     ext = CppExtension(
         "octav_kernels._C",
         sources,

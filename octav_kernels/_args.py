@@ -139,6 +139,7 @@ def levels(bits: int, signed: bool, narrow: bool) -> tuple[int, int, int]:
 
 
 def octav_constant(bits: int, signed: bool, narrow: bool) -> float:
-    """``step**2 / (12 * s**2)``: 4**-B/3 signed, 4**-B/12 unsigned, 1/(12 (2**(B-1)-1)**2) narrow."""
+    """``step**2 / (12 * s**2)``: 4**-B/3 signed, 4**-B/12 unsigned,
+    1/(12 (2**(B-1)-1)**2) narrow."""
     L = levels(bits, signed, narrow)[0]
     return 1.0 / (12.0 * L * L)

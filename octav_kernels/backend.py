@@ -1,7 +1,8 @@
 """The one place that decides which kernels serve a call.
 
 Backends (each a module with ``masked_sums``, ``octav_scale``, ``fake_quantize`` and
-``fake_quantize_backward``, all with the signatures of ``octav_kernels.reference``):
+``fake_quantize_backward``, and optionally a fused ``octav_fake_quantize``, all with the
+signatures of ``octav_kernels.reference``; without a fused one, ops.py composes the first two):
 
 - ``cpu``: the C++ kernels of ``octav_kernels._C``; default for CPU tensors.
 - ``triton``: ``octav_kernels.triton``; default for CUDA tensors. Runs on CPU tensors only under

@@ -132,7 +132,7 @@ def _fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_siz
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return backend.select(x.device).fake_quantize_backward(
-        grad_out, x, scale, signed, g.dim, g.group_size, grad)
+        grad_out.to(x.dtype), x, scale, signed, g.dim, g.group_size, grad)
 
 
 @_fake_quantize_backward.register_fake
@@ -177,9 +177,17 @@ _fake_quantize.register_autograd(_fake_quantize_grad, setup_context=_fake_quanti
            "str grad=\"mad\", Tensor? init=None, bool narrow=False) -> (Tensor, Tensor)")
 def _octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
                          narrow=False):
+    g, init = _check_octav(x, bits, signed, dim, group_size, init, narrow)
     _args.check_grad(grad)
-    scale = _octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
-    return _fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
+    if x.numel() == 0:
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device))
+    kernels = backend.select(x.device)
+    fused = getattr(kernels, "octav_fake_quantize", None)
+    if fused is not None:
+        return fused(x, bits, signed, g.dim, g.group_size, grad, init, narrow)
+    scale = kernels.octav_scale(x, bits, signed, g.dim, g.group_size, init, narrow=narrow)
+    return kernels.fake_quantize(x, scale, bits, signed, g.dim, g.group_size, grad, narrow), scale
 
 
 @_octav_fake_quantize.register_fake

@@ -140,10 +140,10 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
         inside (|x| <= s; unsigned 0 <= x <= s):  g
         otherwise: ste g;  pwl 0;  mad g * (s / |x|)   (unsigned x < 0: 0 for pwl and mad)
     """
+    if grad == "ste":
+        return grad_out.to(x.dtype, copy=True)
     ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
     g = grad_out.to(ctype)
-    if grad == "ste":
-        return g.to(x.dtype)
     xc = x.to(ctype)
     s = _broadcast(scale.to(ctype), x, dim, group_size)
     zero = torch.zeros((), dtype=ctype)

@@ -11,7 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from octav_kernels import backend  # noqa: E402
+from octav_kernels import backend, ops  # noqa: E402
+
 
 def _backend_param(name: str, reason: str):
     ok = backend.available(name, torch.device("cpu"))
@@ -27,6 +28,9 @@ KERNEL_BACKENDS = [
     _backend_param("cpu", "octav_kernels._C not built"),
     _backend_param("triton", "triton not installed or TRITON_INTERPRET unset"),
 ]
+
+# Every backend, for tests whose expected values are derived by hand.
+ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BITS = [2, 3, 4, 8, 16]
@@ -84,3 +88,10 @@ def assert_scale_close(actual, expected, dtype):
 def assert_bitwise(actual, expected):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def reference_scale(x, bits, **kw):
+    """octav_scale served by the reference backend (through the op, so arguments are checked
+    and normalized exactly as for the kernels)."""
+    with backend.use_backend("reference"):
+        return ops.octav_scale(x, bits, **kw)

@@ -3,20 +3,23 @@ every kernel backend with the reference, and the reference against values derive
 
 import pytest
 import torch
+from conftest import (
+    ALL_BACKENDS,
+    BACKEND_DTYPES,
+    BITS,
+    GRANULARITIES,
+    GRIDS,
+    MATRIX_SHAPE,
+    assert_bitwise,
+    assert_scale_close,
+    make_data,
+    reference_scale,
+)
 
 import octav_kernels as ok
 from octav_kernels import reference, use_backend
 
-from conftest import (BACKEND_DTYPES, BITS, GRANULARITIES, GRIDS, KERNEL_BACKENDS, MATRIX_SHAPE,
-                      assert_bitwise, assert_scale_close, make_data)
-
-ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
 GRADS = ["ste", "pwl", "mad"]
-
-
-def reference_scale(x, bits, **kw):
-    with use_backend("reference"):
-        return ok.octav_scale(x, bits, **kw)
 
 
 def grad_through(name, fn, x, grad_out):

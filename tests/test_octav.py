@@ -5,20 +5,23 @@ of SPEC §2."""
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    ALL_BACKENDS,
+    BACKEND_DTYPES,
+    BITS,
+    GRANULARITIES,
+    GRIDS,
+    KERNEL_BACKENDS,
+    MATRIX_SHAPE,
+    assert_bitwise,
+    assert_scale_close,
+    make_data,
+    reference_scale,
+)
 
 import octav_kernels as ok
 from octav_kernels import use_backend
 from octav_kernels._args import octav_constant
-
-from conftest import (BACKEND_DTYPES, BITS, GRANULARITIES, GRIDS, KERNEL_BACKENDS, MATRIX_SHAPE,
-                      assert_bitwise, assert_scale_close, make_data)
-
-ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
-
-
-def reference_scale(x, bits, **kw):
-    with use_backend("reference"):
-        return ok.octav_scale(x, bits, **kw)
 
 
 def np_step(a: np.ndarray, s: float, c: float) -> float:

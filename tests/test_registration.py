@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, assert_bitwise, make_data
 
 import octav_kernels as ok
 from octav_kernels import backend, use_backend
-
-from conftest import KERNEL_BACKENDS, assert_bitwise, make_data
 
 OPCHECK_BACKENDS = ["reference"] + KERNEL_BACKENDS
 
@@ -23,6 +22,7 @@ def sample_inputs():
     s_c = make_data((6, 10), seed=31).abs().amax(1) * 0.6
     s_g = xu.detach().abs().reshape(4, 3, 2, 4).amax(-1) * 0.6
     g = make_data((6, 10), seed=33)
+    g_u = make_data((4, 3, 8), seed=37)
     o = torch.ops.octav
     return [
         (o.octav_scale.default, (x.detach(), 4), {}),
@@ -35,6 +35,9 @@ def sample_inputs():
         (o.fake_quantize.default, (xu, s_g, 4), {"signed": False, "group_size": 4,
                                                  "grad": "ste"}),
         (o.fake_quantize_backward.default, (g, x.detach(), s_c), {"dim": 0, "grad": "mad"}),
+        (o.fake_quantize_backward.default, (g, x.detach(), s_c.amax()), {"grad": "ste"}),
+        (o.fake_quantize_backward.default, (g_u, xu.detach().half(), s_g),
+         {"signed": False, "group_size": 4, "grad": "pwl"}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
     ]

@@ -1,6 +1,7 @@
 // Clip-quantize forward and its STE / PWL / MAD backward on the CPU (SPEC §1, §3).
-// Both are single elementwise passes over rows of `inner` contiguous elements that share one
-// scale (row r = o * n_groups + c uses scale[c]).
+// Both are single elementwise passes split across threads by element ranges; a range is walked
+// in runs of contiguous elements that share one scale (row r = o * n_groups + c of the
+// [outer, n_groups, inner] view uses scale[c]).
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -15,14 +16,17 @@ namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;
 
-// Calls fn(row, scale) over all rows, in parallel with about kGrainElems elements per task.
+// Calls fn(begin, length, scale) over runs covering all outer * n_groups * inner elements.
 template <typename F>
-void for_each_row(int64_t outer, int64_t n_groups, int64_t inner, const float* scale,
+void for_each_run(int64_t outer, int64_t n_groups, int64_t inner, const float* scale,
                   const F& fn) {
-  const int64_t rows = outer * n_groups;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(inner, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) fn(r, scale[r % n_groups]);
+  at::parallel_for(0, outer * n_groups * inner, kGrainElems, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e;) {
+      const int64_t row = k / inner;
+      const int64_t end = std::min(e, (row + 1) * inner);
+      fn(k, end - k, scale[row % n_groups]);
+      k = end;
+    }
   });
 }
 
@@ -38,15 +42,16 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    for_each_row(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t r, float s) {
-      const scalar_t* xr = xp + r * inner;
-      scalar_t* yr = yp + r * inner;
+    for_each_run(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t begin, int64_t n,
+                                                                      float s) {
+      const scalar_t* xr = xp + begin;
+      scalar_t* yr = yp + begin;
       if (s == 0.0f) {  // all-zero group: q = 0, never NaN
-        for (int64_t k = 0; k < inner; ++k) yr[k] = scalar_t(0);
+        for (int64_t k = 0; k < n; ++k) yr[k] = scalar_t(0);
         return;
       }
       const float step = s / fl;
-      for (int64_t k = 0; k < inner; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         // x / step in float32 (SPEC §1); nearbyint rounds half to even. The comparisons keep NaN.
         float v = std::nearbyint(static_cast<float>(xr[k]) / step);
         v = v < flo ? flo : (v > fhi ? fhi : v);
@@ -66,19 +71,19 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
-    for_each_row(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t r, float sf) {
+    for_each_run(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t begin, int64_t n,
+                                                                      float sf) {
       const C s = static_cast<C>(sf);
-      const int64_t base = r * inner;
-      for (int64_t k = 0; k < inner; ++k) {
-        const C g = static_cast<C>(gp[base + k]);
-        const C v = static_cast<C>(xp[base + k]);
+      for (int64_t k = begin; k < begin + n; ++k) {
+        const C g = static_cast<C>(gp[k]);
+        const C v = static_cast<C>(xp[k]);
         const C a = is_signed ? std::abs(v) : v;
         const bool inside = is_signed ? a <= s : (v >= C(0) && v <= s);
         const bool below = !is_signed && v < C(0);
         C out = g;
         if (mode == kPwl && !inside) out = C(0);
         if (mode == kMad && !inside) out = below ? C(0) : g * (s / a);
-        op[base + k] = static_cast<scalar_t>(out);
+        op[k] = static_cast<scalar_t>(out);
       }
     });
   });
