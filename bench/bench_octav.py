@@ -62,6 +62,17 @@ def methods(x: torch.Tensor, dim: int | None) -> dict:
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -78,7 +89,7 @@ def table(repeats: int) -> list[str]:
     lines = [
         f"octav_scale CPU benchmark, {BITS}-bit signed, fp32 (median of {repeats} runs; sweep: "
         f"{max(1, repeats // 3)}).",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} "
         f"threads; torch {torch.__version__}, numpy {np.__version__}; commit {commit}; "
         "command: `python bench/bench_octav.py`.",
         "",
