@@ -325,3 +325,96 @@ def test_cpu_result_independent_of_thread_count():
         torch.set_num_threads(threads)
     for s, s_out in results[1:]:
         assert torch.equal(s, results[0][0]) and torch.equal(s_out, results[0][1])
+
+
+# ------------------------------------------------ large groups: the C++ bracketed solver
+
+LARGE = 50_000  # above the C++ kernels' 32768-element threshold for the bracketed solver
+requires_cpu = pytest.mark.skipif(not ok.backend.available("cpu", torch.device("cpu")),
+                                  reason="octav_kernels._C not built")
+
+
+def large_data(kind: str, n: int = LARGE, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, generator=gen)
+    if kind == "gaussian":
+        return g
+    if kind == "laplace":
+        return torch.sign(g) * -torch.log(torch.rand(n, generator=gen).clamp_min(1e-12))
+    if kind == "student-outliers":
+        chi2 = sum(torch.randn(n, generator=gen) ** 2 for _ in range(3))
+        t = g / torch.sqrt(chi2 / 3)
+        return torch.where(torch.rand(n, generator=gen) < 1e-4, 30 * t, t)
+    if kind == "uniform":  # many fixed points close to max|x| at high bit widths
+        return torch.rand(n, generator=gen) * 2 - 1
+    if kind == "sparse":
+        return torch.where(torch.rand(n, generator=gen) < 0.9, 0.0, g)
+    if kind == "integers":  # heavy duplication: many elements sit exactly on candidate scales
+        return torch.randint(-20, 21, (n,), generator=gen).float()
+    if kind == "bimodal":
+        return torch.where(torch.rand(n, generator=gen) < 0.5, 0.1 * g, 0.1 * g + 3)
+    if kind == "relu":
+        return torch.relu(g)
+    raise ValueError(kind)
+
+
+LARGE_KINDS = ["gaussian", "laplace", "student-outliers", "uniform", "sparse", "integers",
+               "bimodal", "relu"]
+
+
+@requires_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("kind", LARGE_KINDS)
+def test_bracketed_solver_parity(kind, grid, bits, dtype):
+    """Cold (histogram + bracket) and warm (init 4% off) starts on large groups reach the
+    reference's fixed point."""
+    signed, narrow = grid
+    x = large_data(kind).to(dtype)
+    kw = dict(signed=signed, narrow=narrow)
+    expected = reference_scale(x, bits, **kw)
+    with use_backend("cpu"):
+        assert_scale_close(ok.octav_scale(x, bits, **kw), expected, dtype)
+        warm = ok.octav_scale(x, bits, init=expected * 1.04, **kw)
+    assert_scale_close(warm, reference_scale(x, bits, init=expected * 1.04, **kw), dtype)
+
+
+@requires_cpu
+@pytest.mark.parametrize("factor", [0.2, 0.7, 1.5, 5.0])
+def test_bracketed_solver_far_warm_start(factor):
+    """An init far from the answer leaves the bracket: new brackets, then plain passes."""
+    x = large_data("laplace")
+    expected = reference_scale(x, 4, init=torch.tensor(float(reference_scale(x, 4)) * factor))
+    with use_backend("cpu"):
+        got = ok.octav_scale(x, 4, init=torch.tensor(float(reference_scale(x, 4)) * factor))
+    assert_scale_close(got, expected, torch.float32)
+
+
+@requires_cpu
+def test_bracketed_solver_large_channels():
+    x = torch.stack([large_data(k, 40_000, seed=i) for i, k in
+                     enumerate(["gaussian", "uniform", "integers"])])
+    for kw in ({"dim": 0}, {"dim": 0, "signed": False}):
+        expected = reference_scale(x, 3, **kw)
+        with use_backend("cpu"):
+            assert_scale_close(ok.octav_scale(x, 3, **kw), expected, torch.float32)
+
+
+@requires_cpu
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_bracketed_solver_non_finite(signed):
+    """The histogram samples every 8th element; a NaN or inf it skips still reaches the scale
+    through the bracket pass."""
+    x = large_data("gaussian")
+    for index in (0, 12345):  # sampled, not sampled
+        for value, check in ((float("nan"), torch.isnan),
+                             (float("inf"), lambda s: s == float("inf")),
+                             (-float("inf"), lambda s: s == float("inf"))):
+            y = x.clone()
+            y[index] = value
+            with use_backend("cpu"):
+                got = ok.octav_scale(y, 4, signed=signed)
+                warm = ok.octav_scale(y, 4, signed=signed, init=torch.tensor(2.0))
+            assert check(got) and check(warm), (index, value, got, warm)
+            assert check(reference_scale(y, 4, signed=signed))
