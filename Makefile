@@ -18,6 +18,7 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) bench/bench_octav.py --out bench/results/cpu_octav.md
+	$(PY) bench/bench_fake_quant.py --out bench/results/cpu_fake_quant.md
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
