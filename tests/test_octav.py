@@ -418,3 +418,12 @@ def test_bracketed_solver_non_finite(signed):
                 warm = ok.octav_scale(y, 4, signed=signed, init=torch.tensor(2.0))
             assert check(got) and check(warm), (index, value, got, warm)
             assert check(reference_scale(y, 4, signed=signed))
+
+
+@requires_cpu
+def test_bracketed_solver_tiny_magnitudes():
+    """Subnormal-sized data puts the bracket's lower edge at 0: zeros must stay out of n_in."""
+    x = large_data("sparse") * 1.2e-40  # s ~ 3e-40: bracket bins 0..6; 90% zeros
+    expected = reference_scale(x, 4)
+    with use_backend("cpu"):
+        assert_scale_close(ok.octav_scale(x, 4), expected, torch.float32)

@@ -340,11 +340,11 @@ float octav_bracketed(const GroupView<T>& g, float start, double octav_const, in
     const C sc = static_cast<C>(s);
     double s_out = br.s_above;
     int64_t n_out = br.n_above, n_in = br.n_below;
-    for (const C v : br.inside) {
+    for (const C v : br.inside) {  // lo may be 0 for tiny scales: zeros stay out of n_in
       const bool out = v > sc;
       s_out += out ? static_cast<double>(v) : 0.0;
       n_out += out;
-      n_in += !out;
+      n_in += !out & (v > C(0));
     }
     if (finished(next_scale(s_out, n_in, n_out, br.a_max, octav_const), s, prev, rtol)) break;
   }
