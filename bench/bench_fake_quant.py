@@ -17,7 +17,7 @@ import argparse
 
 import pytest
 import torch
-from bench_octav import ACTIVATION_SHAPE, header, laplace, median_ms, student_t
+from bench_octav import ACTIVATION_SHAPE, emit, header, laplace, median_ms, student_t
 
 import octav_kernels as ok
 
@@ -95,12 +95,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
-    text = "\n".join(["# CPU benchmark: fake_quantize", ""]
-                     + header("python bench/bench_fake_quant.py") + table(args.repeats))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(["# CPU benchmark: fake_quantize", ""] + header("python bench/bench_fake_quant.py")
+         + table(args.repeats), args.out)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,15 @@ def header(command: str) -> list[str]:
             f"`{command}`.", ""]
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """Print the markdown and, with ``out``, also write it there."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def tensor_cases():
     """(label, tensor, granularity label, dim) of the per-tensor table."""
     for dtype_name, dtype in DTYPES.items():
@@ -216,11 +225,7 @@ def main() -> None:
     lines += tensor_table(args.bits, args.repeats)
     if not args.no_workload:
         lines += [""] + workload_table(max(1, args.repeats // 3))
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
