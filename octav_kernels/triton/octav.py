@@ -80,7 +80,7 @@ def _octav_scale_kernel(x_ptr, init_ptr, out_ptr, n_groups, inner, group_len, oc
         s = _next_scale(x_ptr, c, n_groups, inner, group_len, 0.0, octav_const, SIGNED, BLOCK)
     prev = tl.full((), float("nan"), tl.float32)
     done = tl.zeros((), tl.int1)
-    it = 0
+    it = tl.zeros((), tl.int32)  # a tensor from the start: loop-carried types must not change
     while (it < max_iters) & (not done):
         nxt = _next_scale(x_ptr, c, n_groups, inner, group_len, s, octav_const, SIGNED, BLOCK)
         converged = (nxt == s) | (tl.abs(nxt - s) <= rtol * s) | (nxt != nxt)
