@@ -12,22 +12,30 @@ import torch
 
 from . import _args
 from .ops import fake_quantize
-from .reference import _as_rows
+from .reference import _as_rows, quantize_to_grid
 
 
-def _magnitude_rows(x, signed, dim, group_size):
+def _rows(x, dim, group_size):
+    """The granularity of ``x`` and ``x`` as float32 ``[n_groups, group_len]`` rows."""
     g = _args.groups(_args.check_x(x), dim, group_size)
-    rows = _as_rows(x, g.dim, g.group_size).float()
-    return g, (rows.abs() if signed else rows.clamp_min(0))
+    return g, _as_rows(x, g.dim, g.group_size).float()
+
+
+def _magnitudes(rows, signed):
+    return rows.abs() if signed else rows.clamp_min(0)
+
+
+def _row_max(g, a):
+    if a.shape[1] == 0:
+        return torch.zeros(g.scale_shape, dtype=torch.float32, device=a.device)
+    return a.amax(1).reshape(g.scale_shape)
 
 
 def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None,
               group_size: int | None = None) -> torch.Tensor:
     """``s = max|x|`` per group (``max(x, 0)`` unsigned); 0 for empty groups."""
-    g, a = _magnitude_rows(x, signed, dim, group_size)
-    if a.shape[1] == 0:
-        return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
-    return a.amax(1).reshape(g.scale_shape)
+    g, rows = _rows(x, dim, group_size)
+    return _row_max(g, _magnitudes(rows, signed))
 
 
 def percentile_scale(x: torch.Tensor, percentile: float = 99.99, *, signed: bool = True,
@@ -35,7 +43,8 @@ def percentile_scale(x: torch.Tensor, percentile: float = 99.99, *, signed: bool
     """``s`` = the ``percentile``-th percentile of |x| per group (nearest rank)."""
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    g, a = _magnitude_rows(x, signed, dim, group_size)
+    g, rows = _rows(x, dim, group_size)
+    a = _magnitudes(rows, signed)
     n = a.shape[1]
     if n == 0:
         return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
@@ -62,9 +71,8 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     tensors of at most ``max_elements``), not one Python call per point."""
     _args.check_bits(bits)
     _args.check_narrow(narrow, signed)
-    s_max = max_scale(x, signed=signed, dim=dim, group_size=group_size)
-    g = _args.groups(x, dim, group_size)
-    rows = _as_rows(x, g.dim, g.group_size).float()
+    g, rows = _rows(x, dim, group_size)
+    s_max = _row_max(g, _magnitudes(rows, signed))
     if rows.numel() == 0:
         return s_max
     L, lo, hi = _args.levels(bits, signed, narrow)
@@ -74,9 +82,7 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     per_batch = max(1, max_elements // rows.numel())
     for start in range(0, points, per_batch):
         cand = fractions[start:start + per_batch, None] * s_max.reshape(1, -1)  # [K, groups]
-        step = (cand / L).unsqueeze(-1)
-        q = torch.clamp(torch.round(rows / step), lo, hi) * step
-        q = torch.where(step == 0, torch.zeros((), device=x.device), q)
+        q = quantize_to_grid(rows, (cand / L).unsqueeze(-1), lo, hi)
         err = (q.double() - rows.double()).square().sum(-1)  # [K, groups]
         k_err, k = err.min(0)
         better = k_err < best_err

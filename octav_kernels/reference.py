@@ -126,10 +126,15 @@ def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="
         step = s / L;  q = clamp(round_half_even(x / step), lo, hi) * step;  q = 0 where s == 0
     """
     L, lo, hi = levels(bits, signed, narrow)
-    s = _broadcast(scale.float(), x, dim, group_size)
-    step = s / L
-    q = torch.clamp(torch.round(x.float() / step), lo, hi) * step
-    return torch.where(s == 0, torch.zeros((), dtype=q.dtype), q).to(x.dtype)
+    step = _broadcast(scale.float(), x, dim, group_size) / L
+    return quantize_to_grid(x.float(), step, lo, hi).to(x.dtype)
+
+
+def quantize_to_grid(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round_half_even(x / step), lo, hi) * step`` in x's (float32) dtype, 0 where
+    step == 0 (s == 0); ``step`` broadcasts against ``x``."""
+    q = torch.clamp(torch.round(x / step), lo, hi) * step
+    return torch.where(step == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
