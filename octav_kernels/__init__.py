@@ -2,15 +2,53 @@
 
 Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_quantize``,
 ``octav_fake_quantize``. Baselines for calibration: ``max_scale``, ``percentile_scale``,
-``mse_sweep_scale``. Backend control: ``use_backend`` / ``OCTAV_BACKEND``.
+``mse_sweep_scale``, and the ``Calibrator`` classes over all of them. QAT: the modules in
+``octav_kernels.nn`` (``Quantizer``, ``QuantAct``, ``QuantLinear``, ``QuantConv1d``,
+``QuantConv2d``) and the model helpers ``quantize_model``, ``dequantize_model``,
+``calibrate_model``, ``reestimate_batchnorm``. Backend control: ``use_backend`` /
+``OCTAV_BACKEND``.
 """
 
 from .backend import use_backend
-from .calibrate import max_scale, mse_sweep_scale, percentile_scale, quantization_mse
+from .calibrate import (
+    Calibrator,
+    MaxCalibrator,
+    MSESweepCalibrator,
+    OctavCalibrator,
+    PercentileCalibrator,
+    make_calibrator,
+    max_scale,
+    mse_sweep_scale,
+    percentile_scale,
+    quantization_mse,
+)
+from .nn import QuantAct, QuantConv1d, QuantConv2d, Quantizer, QuantLinear
 from .ops import fake_quantize, masked_sums, octav_fake_quantize, octav_scale
+from .qat import (
+    calibrate_model,
+    calibration,
+    dequantize_model,
+    quantize_model,
+    quantizers,
+    reestimate_batchnorm,
+)
 
 __all__ = [
+    "Calibrator",
+    "MSESweepCalibrator",
+    "MaxCalibrator",
+    "OctavCalibrator",
+    "PercentileCalibrator",
+    "QuantAct",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantizer",
+    "calibrate_model",
+    "calibration",
+    "dequantize_model",
     "fake_quantize",
+    "make_calibrator",
     "masked_sums",
     "max_scale",
     "mse_sweep_scale",
@@ -18,6 +56,9 @@ __all__ = [
     "octav_scale",
     "percentile_scale",
     "quantization_mse",
+    "quantize_model",
+    "quantizers",
+    "reestimate_batchnorm",
     "use_backend",
 ]
 __version__ = "0.1.0"

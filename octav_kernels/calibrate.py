@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import _args
-from .ops import fake_quantize
+from .ops import fake_quantize, octav_scale
 from .reference import _as_rows, quantize_to_grid
 
 
@@ -91,3 +91,133 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     return best.reshape(g.scale_shape)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrators: one interface over OCTAV and the baselines, used by the QAT modules and for PTQ.
+
+
+class Calibrator:
+    """A rule mapping a tensor to a float32 clipping scale of the granularity's shape.
+
+    ``calibrator(x, bits, signed=..., dim=..., group_size=..., narrow=..., init=...)``. ``init``
+    is a previous scale that iterative rules may warm-start from (others ignore it).
+    ``propagates_nonfinite`` says whether NaN/inf in ``x`` always shows up in the scale, so
+    that a caller can check the (small) scale instead of the whole tensor.
+    """
+
+    name = "calibrator"
+    propagates_nonfinite = True
+
+    def __call__(self, x: torch.Tensor, bits: int, *, signed: bool = True,
+                 dim: int | None = None, group_size: int | None = None, narrow: bool = False,
+                 init: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class OctavCalibrator(Calibrator):
+    """The OCTAV fixed point (``octav_scale``), warm-started from ``init``."""
+
+    name = "octav"
+
+    def __init__(self, max_iters: int = 32, rtol: float = 1e-6):
+        _args.check_iteration(max_iters, rtol)
+        self.max_iters, self.rtol = max_iters, rtol
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        return octav_scale(x, bits, signed=signed, dim=dim, group_size=group_size, init=init,
+                           max_iters=self.max_iters, rtol=self.rtol, narrow=narrow)
+
+    @property
+    def is_default(self) -> bool:
+        """True when the fused ``octav_fake_quantize`` (default iteration) computes this rule."""
+        return self.max_iters == 32 and self.rtol == 1e-6
+
+    def __repr__(self) -> str:
+        return f"OctavCalibrator(max_iters={self.max_iters}, rtol={self.rtol})"
+
+
+class MaxCalibrator(Calibrator):
+    """``s = max|x|`` (``max_scale``)."""
+
+    name = "max"
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        _args.check_bits(bits)
+        return max_scale(x, signed=signed, dim=dim, group_size=group_size)
+
+
+class PercentileCalibrator(Calibrator):
+    """``s`` = the ``percentile``-th percentile of |x| (``percentile_scale``). A NaN may sort
+    above the percentile, so NaN/inf need a check of ``x`` itself."""
+
+    name = "percentile"
+    propagates_nonfinite = False
+
+    def __init__(self, percentile: float = 99.99):
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+            raise TypeError(f"percentile must be a float, got {type(percentile).__name__}")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        self.percentile = float(percentile)
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        _args.check_bits(bits)
+        return percentile_scale(x, self.percentile, signed=signed, dim=dim,
+                                group_size=group_size)
+
+    def __repr__(self) -> str:
+        return f"PercentileCalibrator(percentile={self.percentile})"
+
+
+class MSESweepCalibrator(Calibrator):
+    """The ``points``-point empirical-MSE sweep (``mse_sweep_scale``), batched on x's device."""
+
+    name = "mse"
+
+    def __init__(self, points: int = 100):
+        _args.check_int(points, "points")
+        if points < 1:
+            raise ValueError(f"points must be >= 1, got {points}")
+        self.points = points
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        return mse_sweep_scale(x, bits, signed=signed, dim=dim, group_size=group_size,
+                               narrow=narrow, points=self.points)
+
+    def __repr__(self) -> str:
+        return f"MSESweepCalibrator(points={self.points})"
+
+
+CALIBRATORS = {"octav": OctavCalibrator, "max": MaxCalibrator,
+               "percentile": PercentileCalibrator, "mse": MSESweepCalibrator}
+
+
+def make_calibrator(spec: str | Calibrator) -> Calibrator:
+    """A ``Calibrator`` from an instance or a name: ``"octav"``, ``"max"``, ``"percentile"``
+    (99.99), ``"percentile:99.9"``, ``"mse"`` (100 points) or ``"mse:200"``."""
+    if isinstance(spec, Calibrator):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"calibrator must be a str or a Calibrator, got {type(spec).__name__}")
+    name, _, arg = spec.partition(":")
+    if name not in CALIBRATORS:
+        raise ValueError(f"calibrator must be one of {sorted(CALIBRATORS)} "
+                         f"(optionally 'percentile:<p>' or 'mse:<points>'), got {spec!r}")
+    if not arg:
+        return CALIBRATORS[name]()
+    try:
+        if name == "percentile":
+            return PercentileCalibrator(float(arg))
+        if name == "mse":
+            return MSESweepCalibrator(int(arg))
+    except ValueError as err:
+        raise ValueError(f"calibrator {spec!r}: {err}") from None
+    raise ValueError(f"calibrator {name!r} takes no argument, got {spec!r}")

@@ -68,7 +68,7 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
 
 
 def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
-                rtol=1e-6, narrow=False):
+                rtol=1e-6, narrow=False, *, return_iterations=False):
     """MSE-optimal clipping scale by the OCTAV fixed point, per group (SPEC §2)::
 
         s_next = S_out / (c * n_in + n_out),   c = 1 / (12 L**2)  (4**-B/3 signed)
@@ -77,11 +77,13 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     Start: ``init`` where it is > 0, else one step from s = 0 (the mean of the nonzero a).
     Stop at ``|s_next - s| <= rtol * s`` (or s_next == s, or NaN), at a 2-cycle
     (s_next == s_prev, returns the smaller), or after ``max_iters`` steps. Every iterate is
-    rounded to float32, as the kernels keep it.
+    rounded to float32, as the kernels keep it. ``return_iterations=True`` also returns the
+    number of steps each group took after its start (int64, the scale's shape): the passes
+    over the data a warm start saves.
     """
     a = _magnitudes(_as_rows(x, dim, group_size), signed)
     c = octav_constant(bits, signed, narrow)
-    a_max = torch.zeros(a.shape[0], dtype=a.dtype)
+    a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
     if a.shape[1] > 0:
         a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
 
@@ -90,7 +92,7 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
         nxt = torch.where(n_out == 0, a_max, s_out / (c * n_in.double() + n_out.double()))
         return nxt.float().double()
 
-    cold = step(torch.zeros(a.shape[0], dtype=torch.float64))
+    cold = step(torch.zeros(a.shape[0], dtype=torch.float64, device=a.device))
     if init is None:
         s = cold
     else:
@@ -98,7 +100,9 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
         s = torch.where(init > 0, init, cold)
     prev = torch.full_like(s, float("nan"))
     done = torch.zeros_like(s, dtype=torch.bool)
+    iterations = torch.zeros(s.shape, dtype=torch.int64, device=s.device)
     for _ in range(max_iters):
+        iterations += ~done
         nxt = step(s)
         converged = (nxt == s) | ((nxt - s).abs() <= rtol * s) | torch.isnan(nxt)
         cycle = ~converged & (nxt == prev)
@@ -108,7 +112,10 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
         done = done | converged | cycle
         if bool(done.all()):
             break
-    return s.float().reshape(_scale_shape(x, dim, group_size))
+    shape = _scale_shape(x, dim, group_size)
+    if return_iterations:
+        return s.float().reshape(shape), iterations.reshape(shape)
+    return s.float().reshape(shape)
 
 
 def _scale_shape(x, dim, group_size):

@@ -1,0 +1,235 @@
+"""Model-level QAT helpers: convert a model's layers to quantized ones and back, calibrate
+static scales (PTQ), and re-estimate BatchNorm statistics after QAT.
+
+The two-line QAT change to a training script::
+
+    model = octav_kernels.quantize_model(model, bits=4)   # after loading the float weights
+    ...                                                    # train as usual
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .calibrate import Calibrator
+from .nn import QUANTIZED, Quantizer, _QuantLayer
+
+# Layers kept in float by design (their parameters are not matmul operands): not "unsupported".
+FLOAT_BY_DESIGN = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                   nn.modules.instancenorm._InstanceNorm)
+
+
+def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | None = 8,
+                   act_bits: int | None = None, grad: str = "mph",
+                   weight_granularity: str | int = "channel", act_signed: bool | None = None,
+                   mode: str = "dynamic", weight_mode: str | None = None,
+                   calibrator: str | Calibrator = "octav", every: int = 1, narrow: bool = False,
+                   quantize_input: bool = True, skip: Iterable[str | type] = (),
+                   inplace: bool = False, strict: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` by its quantized
+    version (``QuantLinear`` / ``QuantConv1d`` / ``QuantConv2d``), keeping its Parameters
+    (shared, so an existing optimizer keeps working), device and dtype.
+
+    Args:
+        bits: weight and activation bits of every converted layer.
+        first_last_bits: bits of the first and the last convertible layer in registration
+            order (the paper keeps them at 8); ``None`` uses ``bits`` everywhere.
+        act_bits: activation bits of the inner layers if different from ``bits`` (the first
+            and last layer use ``first_last_bits`` for both).
+        grad, weight_granularity, act_signed, mode, weight_mode, calibrator, every, narrow,
+            quantize_input: passed to each layer (see ``QuantLinear``).
+        skip: module names (a name also skips everything under it) or module types to leave
+            in float.
+        inplace: convert ``model`` itself instead of a deep copy.
+        strict: raise ``ValueError`` instead of warning when a module with parameters has no
+            quantized version (e.g. ``nn.Embedding``, ``nn.LSTM``, ``nn.MultiheadAttention``,
+            ``nn.Conv3d``, subclasses of the supported layers). Normalization layers stay in
+            float by design and are not reported.
+
+    Returns the converted model. Each quantizer's ``name`` is its path in the model, and the
+    errors it raises use it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    skip = tuple(skip)
+    for item in skip:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"skip entries must be module names or types, got {item!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if type(model) in QUANTIZED:
+        raise ValueError("model is itself a single layer; wrap it in a container "
+                         "(e.g. nn.Sequential) to convert it")
+    config = dict(act_bits=act_bits, grad=grad, weight_granularity=weight_granularity,
+                  act_signed=act_signed, mode=mode, weight_mode=weight_mode,
+                  calibrator=calibrator, every=every, narrow=narrow,
+                  quantize_input=quantize_input)
+
+    convertible, unsupported = [], []
+    skipped_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
+            continue
+        if _skipped(name, module, skip):
+            skipped_prefixes.append(name)
+            continue
+        if type(module) in QUANTIZED:
+            convertible.append(name)
+        elif isinstance(module, (_QuantLayer, Quantizer)):
+            raise ValueError(f"model is already quantized ({name or 'model'} is "
+                             f"{type(module).__name__}); call dequantize_model first")
+        elif (not isinstance(module, FLOAT_BY_DESIGN)
+              and any(True for _ in module.parameters(recurse=False))):
+            unsupported.append(f"{name} ({type(module).__name__})")
+            skipped_prefixes.append(name)  # its children are driven by it, not by forward()
+    if unsupported:
+        message = ("quantize_model: no quantized version, left in float: "
+                   + ", ".join(unsupported))
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+
+    ends = {convertible[0], convertible[-1]} if convertible and first_last_bits else set()
+    for name in convertible:
+        layer_bits = first_last_bits if name in ends else bits
+        layer_act_bits = act_bits if act_bits is not None and name not in ends else None
+        parent, attr = _parent(model, name)
+        float_layer = getattr(parent, attr)
+        try:
+            quant = QUANTIZED[type(float_layer)].from_float(
+                float_layer, bits=layer_bits, **{**config, "act_bits": layer_act_bits})
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        setattr(parent, attr, quant)
+    name_quantizers(model)
+    return model
+
+
+def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every quantized layer by the plain float layer (same Parameters) and drop
+    standalone ``Quantizer`` modules (replaced by ``nn.Identity``)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    targets = [name for name, m in model.named_modules()
+               if name and isinstance(m, (_QuantLayer, Quantizer))]
+    for name in targets:
+        parent, attr = _parent(model, name)
+        module = getattr(parent, attr, None)
+        if isinstance(module, _QuantLayer):
+            setattr(parent, attr, module.to_float())
+        elif isinstance(module, Quantizer) and not isinstance(parent, _QuantLayer):
+            setattr(parent, attr, nn.Identity())
+    return model
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """``(path, quantizer)`` for every ``Quantizer`` in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Set each quantizer's ``name`` (used in its error messages) to its path in ``model``."""
+    for name, q in quantizers(model):
+        q.name = name or q.name
+
+
+@contextmanager
+def calibration(model: nn.Module):
+    """Inside: the model runs in eval mode and every quantizer observes its input (passing it
+    through unquantized). On exit: each quantizer's scale is set from what it saw (mean of
+    the per-batch scales by default) and the model's train/eval flags are restored."""
+    name_quantizers(model)
+    found = quantizers(model)
+    if not found:
+        raise ValueError("model has no Quantizer modules; call quantize_model first")
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    for _, q in found:
+        q.calibrating, q._calibration = True, None
+    try:
+        yield model
+    except BaseException:
+        for _, q in found:
+            q.calibrating, q._calibration = False, None
+        raise
+    else:
+        for _, q in found:
+            q.finish_calibration()
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def calibrate_model(model: nn.Module, batches: Iterable, *, num_batches: int | None = None,
+                    forward: Callable[[nn.Module, object], object] | None = None) -> nn.Module:
+    """Static calibration (PTQ, or the start of static-scale QAT): run ``num_batches`` of
+    ``batches`` (all by default) through the model without gradients and set every
+    quantizer's scale from them (``Quantizer.reduce``: the mean of the per-batch scales, the
+    paper's static OCTAV). A batch that is a tuple or list feeds its first element to
+    ``model``; pass ``forward(model, batch)`` for anything else. Returns ``model``."""
+    run = forward or _default_forward
+    with calibration(model), torch.no_grad():
+        if _run_batches(model, batches, num_batches, run) == 0:
+            raise ValueError("batches is empty")
+    return model
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable, *, num_batches: int | None = None,
+                         forward: Callable[[nn.Module, object], object] | None = None) -> int:
+    """Recompute every BatchNorm's running mean/variance with the model as it is now (quantized
+    weights, frozen scales): the model runs in eval mode except its BatchNorm layers, which
+    reset their statistics and average them over ``num_batches`` of ``batches`` (cumulative
+    average, ``momentum=None``). Restores modes and momenta; returns the number of BatchNorm
+    layers updated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    flags = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        with torch.no_grad():
+            if _run_batches(model, batches, num_batches, forward or _default_forward) == 0:
+                raise ValueError("batches is empty")
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for m, flag in flags.items():
+            m.training = flag
+    return len(bns)
+
+
+def _run_batches(model, batches, num_batches, forward) -> int:
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    seen = 0
+    for batch in batches:
+        if num_batches is not None and seen >= num_batches:
+            break
+        forward(model, batch)
+        seen += 1
+    return seen
+
+
+def _default_forward(model, batch):
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _skipped(name: str, module: nn.Module, skip) -> bool:
+    return any((isinstance(item, str) and item == name)
+               or (isinstance(item, type) and isinstance(module, item)) for item in skip)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr

@@ -1,0 +1,438 @@
+"""QAT layer: quantized modules, model conversion, scale modes, calibration, BN re-estimation.
+
+Expected values are computed with the ops / reference directly (what a quantized layer must
+equal), never with the module under test.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SCALE_RTOL, reference_scale
+from torch import nn
+
+import octav_kernels as ok
+from octav_kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def images(n=16, seed=1):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_bn(model, seed=2):
+    """Give the BatchNorms non-trivial running statistics."""
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(images(32, seed + i))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers compute what the ops say
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor", 4])
+def test_quant_linear_forward_is_linear_of_fake_quantized_operands(granularity):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    q = ok.QuantLinear.from_float(layer, bits=4, weight_granularity=granularity).train()
+    x = torch.randn(5, 16)
+    y = q(x)
+    w = layer.weight.detach()
+    if granularity == "channel":
+        kw = {"dim": 0}
+    elif granularity == "tensor":
+        kw = {}
+    else:
+        kw = {"group_size": 4}
+    s_w = reference_scale(w, 4, **kw)
+    s_a = reference_scale(x, 4, signed=True)  # x has negative entries: a signed input grid
+    wq = reference.fake_quantize(w, s_w, 4, dim=kw.get("dim"), group_size=kw.get("group_size"))
+    xq = reference.fake_quantize(x, s_a, 4)
+    torch.testing.assert_close(y, nn.functional.linear(xq, wq, layer.bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.weight_quantizer.scale, s_w, rtol=SCALE_RTOL[torch.float32],
+                               atol=0)
+    assert q.input_quantizer.signed is True
+
+
+def test_quant_conv_blocks_run_over_flattened_channel_elements():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3)
+    q = ok.QuantConv2d.from_float(conv, bits=3, weight_granularity=12, quantize_input=False)
+    w = conv.weight.detach()
+    expected = ok.fake_quantize(w.reshape(3, 36), ok.octav_scale(w.reshape(3, 36), 3,
+                                                                 group_size=12),
+                                3, group_size=12).reshape(w.shape)
+    torch.testing.assert_close(q.quantized_weight(), expected, rtol=0, atol=0)
+    assert q.weight_quantizer.scale.shape == (3, 3)
+    with pytest.raises(ValueError, match="weight_granularity=5 must divide the 36"):
+        ok.QuantConv2d.from_float(conv, weight_granularity=5)
+
+
+def test_conv1d_and_unsigned_input_after_relu():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, 5, padding=2)
+    q = ok.QuantConv1d.from_float(conv, bits=4).train()
+    x = torch.relu(torch.randn(2, 3, 20))
+    y = q(x)
+    assert q.input_quantizer.signed is False
+    s_a = reference_scale(x, 4, signed=False)
+    s_w = reference_scale(conv.weight.detach(), 4, dim=0)
+    expected = nn.functional.conv1d(reference.fake_quantize(x, s_a, 4, signed=False),
+                                    reference.fake_quantize(conv.weight.detach(), s_w, 4, dim=0),
+                                    conv.bias, padding=2)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad, w_est, a_est",
+                         [("mph", "mad", "pwl"), ("mad", "mad", "mad"), ("pwl", "pwl", "pwl"),
+                          ("ste", "ste", "ste")])
+def test_gradients_follow_the_estimator_of_each_role(grad, w_est, a_est):
+    """dL/dw and dL/dx are SPEC §3's estimators applied to the gradient of the quantized
+    operands; the scale gets none."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8)
+    q = ok.QuantLinear.from_float(layer, bits=2, grad=grad).train()  # 2 bits: many clipped
+    x = (3 * torch.randn(6, 32)).requires_grad_()
+    g = torch.randn(6, 8)
+    q(x).backward(g)
+
+    w = layer.weight.detach()
+    s_w, s_a = q.weight_quantizer.scale, q.input_quantizer.scale
+    wq = reference.fake_quantize(w, s_w, 2, dim=0).requires_grad_()
+    xq = reference.fake_quantize(x.detach(), s_a, 2).requires_grad_()
+    nn.functional.linear(xq, wq, layer.bias).backward(g)
+    expected_w = reference.fake_quantize_backward(wq.grad, w, s_w, dim=0, grad=w_est)
+    expected_x = reference.fake_quantize_backward(xq.grad, x.detach(), s_a, grad=a_est)
+    torch.testing.assert_close(layer.weight.grad, expected_w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, expected_x, rtol=1e-6, atol=1e-7)
+    clipped = w.abs() > s_w[:, None]
+    assert clipped.any()  # the estimators differ only there: the test must exercise it
+    if w_est == "pwl":
+        assert (layer.weight.grad[clipped] == 0).all()
+    assert not q.weight_quantizer.scale.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale modes
+
+
+def test_dynamic_mode_updates_every_training_step_with_warm_start_and_freezes_in_eval():
+    qz = ok.Quantizer(4, dim=0).train()
+    x1 = torch.randn(4, 64)
+    qz(x1)
+    torch.testing.assert_close(qz.scale, reference_scale(x1, 4, dim=0),
+                               rtol=SCALE_RTOL[torch.float32], atol=0)
+    x2 = 1.5 * torch.randn(4, 64)
+    previous = qz.scale.clone()
+    qz(x2)
+    torch.testing.assert_close(qz.scale, reference_scale(x2, 4, dim=0, init=previous),
+                               rtol=SCALE_RTOL[torch.float32], atol=0)
+    frozen = qz.scale.clone()
+    qz.eval()
+    x3 = 10 * torch.randn(4, 64)
+    y = qz(x3)
+    assert torch.equal(qz.scale, frozen)
+    assert torch.equal(y, ok.fake_quantize(x3, frozen, 4, dim=0))
+
+
+def test_dynamic_every_k_steps():
+    qz = ok.Quantizer(4, every=3).train()
+    scales = []
+    for i in range(7):
+        qz(torch.randn(256, generator=torch.Generator().manual_seed(i)) * (i + 1))
+        scales.append(qz.scale.item())
+    # Recomputed on forwards 1, 4, 7 only.
+    assert scales[0] == scales[1] == scales[2] != scales[3] == scales[4] == scales[5] != scales[6]
+
+
+def test_static_mode_averages_per_batch_scales_then_freezes():
+    model = ok.quantize_model(small_cnn(), bits=4, mode="static", first_last_bits=None)
+    batches = [images(8, seed) for seed in range(3)]
+    ok.calibrate_model(model, batches)
+    act = model[3].input_quantizer  # input of the second conv: post-ReLU, unsigned
+    assert act.signed is False
+    # The second conv's input is the float output of conv1-BN-ReLU: calibration observes
+    # float activations.
+    float_model = ok.dequantize_model(model).eval()
+    with torch.no_grad():
+        expected = [reference_scale(float_model[:3](b), 4, signed=False) for b in batches]
+    torch.testing.assert_close(act.scale, torch.stack(expected).mean(0),
+                               rtol=SCALE_RTOL[torch.float32], atol=0)
+    frozen = {n: q.scale.clone() for n, q in ok.quantizers(model)}
+    model.train()
+    model(images(8, 9)).sum().backward()
+    for n, q in ok.quantizers(model):
+        assert torch.equal(q.scale, frozen[n]), n
+
+
+def test_static_reduce_max_and_every_calibrator():
+    qz = ok.QuantAct(4, mode="static", calibrator="max", reduce="max")
+    with torch.no_grad():
+        qz.calibrating = True
+        for k in (1.0, 3.0, 2.0):
+            assert torch.equal(qz(torch.full((4,), k)), torch.full((4,), k))  # passes through
+        qz.finish_calibration()
+    assert qz.scale.item() == 3.0 and qz.signed is False
+    for spec in ("octav", "max", "percentile:99.9", "mse"):
+        m = ok.quantize_model(small_cnn(), mode="static", calibrator=spec)
+        ok.calibrate_model(m, [images(4)])
+        assert all(q.initialized for _, q in ok.quantizers(m)), spec
+
+
+def test_eval_without_scale_is_an_error_for_activations_not_weights():
+    model = ok.quantize_model(small_cnn(), mode="static")
+    with pytest.raises(RuntimeError, match=r"^0\.input_quantizer: no scale yet"):
+        model.eval()(images())
+    layer = ok.QuantLinear(8, 4, quantize_input=False).eval()
+    layer(torch.randn(2, 8))  # the weight's scale comes from the weight itself
+    torch.testing.assert_close(layer.weight_quantizer.scale,
+                               reference_scale(layer.weight.detach(), 4, dim=0),
+                               rtol=SCALE_RTOL[torch.float32], atol=0)
+
+
+def test_nonfinite_input_raises_naming_the_module():
+    model = ok.quantize_model(small_cnn())
+    bad = images()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^0\.input_quantizer: a calibration batch contains"):
+        ok.calibrate_model(model, [bad])
+    assert not any(q.calibrating for _, q in ok.quantizers(model))
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^0\.input_quantizer: the input contains NaN or inf"):
+        model.train()(bad)
+    for calibrator in ("percentile", "max", "mse"):
+        qz = ok.QuantAct(4, calibrator=calibrator).train()
+        qz.name = "act"
+        with pytest.raises(ValueError, match="^act: the input contains NaN or inf"):
+            qz(torch.tensor([1.0, float("nan"), 2.0] + [0.5] * 100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model conversion
+
+
+def test_quantize_model_keeps_function_at_8_bits():
+    """At 8 bits the quantized model stays within quantization error of the float model:
+    per-channel/per-tensor 8-bit steps are ~max/128, an SQNR near 40 dB per quantizer (~1%
+    relative RMS error); four layers with two quantizers each compound to a few %. 4 bits
+    (~16x the step) must be clearly worse, so the bound is not vacuous."""
+    base = trained_bn(small_cnn())
+    x = images(64, seed=7)
+    with torch.no_grad():
+        ref = base(x)
+        errors = {}
+        for bits in (8, 4):
+            q = ok.quantize_model(base, bits=bits, first_last_bits=None)
+            ok.calibrate_model(q, [x])
+            errors[bits] = ((q(x) - ref).norm() / ref.norm()).item()
+    assert errors[8] < 0.05
+    assert errors[4] > 4 * errors[8]
+
+
+def test_quantize_model_layers_bits_devices_dtypes_and_original_untouched():
+    base = small_cnn().to(torch.float64)
+    snapshot = copy.deepcopy(base.state_dict())
+    q = ok.quantize_model(base, bits=3, act_bits=5)
+    kinds = [type(m).__name__ for m in q]
+    assert kinds[0] == "QuantConv2d" and kinds[3] == "QuantConv2d"
+    assert kinds[8] == "QuantLinear" and kinds[10] == "QuantLinear"
+    assert q[0].weight_quantizer.bits == 8 and q[0].input_quantizer.bits == 8   # first
+    assert q[10].weight_quantizer.bits == 8 and q[10].input_quantizer.bits == 8  # last
+    assert q[3].weight_quantizer.bits == 3 and q[3].input_quantizer.bits == 5
+    assert q[3].weight.dtype == torch.float64
+    assert q[3].weight_quantizer.scale.dtype == torch.float32
+    assert q[3].weight_quantizer.name == "3.weight_quantizer"
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k  # deep copy: the float model is untouched
+    assert all(type(m) is not ok.QuantConv2d for m in base)
+    q.train()(images().double()).sum().backward()
+
+
+def test_inplace_conversion_shares_parameters_so_the_optimizer_keeps_working():
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    conv_weight = model[3].weight
+    out = ok.quantize_model(model, inplace=True)
+    assert out is model and model[3].weight is conv_weight
+    before = conv_weight.detach().clone()
+    model.train()(images()).sum().backward()
+    opt.step()
+    assert not torch.equal(conv_weight, before)
+
+
+def test_skip_unsupported_and_strict():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(3, 4), nn.LSTM(4, 4),
+                          nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.LayerNorm(4),
+                          nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"left in float: 1 \(Embedding\), 2 \(LSTM\)$"):
+        q = ok.quantize_model(model)
+    with pytest.raises(ValueError, match=r"left in float: 1 \(Embedding\), 2 \(LSTM\)"):
+        ok.quantize_model(model, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = ok.quantize_model(model, skip=["3", nn.Embedding, nn.LSTM])
+    assert type(q[3][0]) is nn.Linear and type(q[3][1]) is nn.Linear
+    assert type(q[0]) is ok.QuantLinear and type(q[5]) is ok.QuantLinear
+    # First / last are decided over the whole model, before skipping.
+    assert q[0].weight_quantizer.bits == 8 and q[5].weight_quantizer.bits == 8
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"0 \(MultiheadAttention\)"):
+        q = ok.quantize_model(mha)
+    assert type(q[0].out_proj) is not ok.QuantLinear  # driven by MHA's forward: left alone
+
+
+def test_dequantize_model_round_trip():
+    base = small_cnn()
+    q = ok.quantize_model(base, inplace=False)
+    back = ok.dequantize_model(q)
+    assert [type(m) for m in back] == [type(m) for m in base]
+    x = images()
+    torch.testing.assert_close(back.eval()(x), base.eval()(x), rtol=0, atol=0)
+    seq = nn.Sequential(nn.Linear(4, 4), ok.QuantAct(4))
+    assert type(ok.dequantize_model(seq)[1]) is nn.Identity
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(mode="sometimes"), ValueError, "mode must be one of"),
+    (dict(grad="lsq"), ValueError, "grad must be one of"),
+    (dict(weight_granularity="row"), ValueError, "weight_granularity must be"),
+    (dict(every=0), ValueError, "every must be >= 1"),
+    (dict(calibrator="minmax"), ValueError, "calibrator must be one of"),
+    (dict(bits=1), ValueError, "bits must be in 2..16"),
+    (dict(skip=[3]), TypeError, "skip entries"),
+    (dict(weight_mode="never"), ValueError, "mode must be one of"),
+])
+def test_quantize_model_argument_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ok.quantize_model(small_cnn(), **kwargs)
+
+
+def test_quantize_model_rejects_non_modules_and_quantized_models():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        ok.quantize_model("resnet")
+    with pytest.raises(ValueError, match="already quantized"):
+        ok.quantize_model(ok.quantize_model(small_cnn()))
+    with pytest.raises(ValueError, match="narrow=True applies to signed grids only"):
+        ok.Quantizer(4, signed=False, narrow=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers: state_dict, dtype casts, torch.compile
+
+
+def test_state_dict_round_trip_restores_scales_and_signedness():
+    with pytest.raises(ValueError, match="^0: weight_granularity=8 must divide the 9"):
+        ok.quantize_model(small_cnn(), weight_granularity=8)
+    model = ok.quantize_model(small_cnn(), weight_granularity=8, skip=["0"])
+    model.train()(images())
+    model.eval()
+    state = model.state_dict()
+    fresh = ok.quantize_model(small_cnn(seed=5), weight_granularity=8, skip=["0"])
+    fresh.load_state_dict(state)
+    for (name, a), (_, b) in zip(ok.quantizers(model), ok.quantizers(fresh)):
+        assert torch.equal(a.scale, b.scale) and a.signed == b.signed, name
+    x = images(seed=3)
+    assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_scales_stay_float32_when_the_model_is_cast():
+    model = ok.quantize_model(small_cnn())
+    model.train()(images())
+    scales = {n: q.scale.clone() for n, q in ok.quantizers(model)}
+    model.to(torch.bfloat16)
+    for n, q in ok.quantizers(model):
+        assert q.scale.dtype == torch.float32 and torch.equal(q.scale, scales[n]), n
+    out = model.eval()(images().bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_torch_compile_of_a_quantized_model():
+    torch._dynamo.reset()
+    model = ok.quantize_model(small_cnn())
+    model.train()(images())  # resolve signedness and scales eagerly
+    model.eval()
+    x = images(seed=4)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # A dynamic training step under compile: the same output, gradients and scale updates.
+    # (One layer: through several layers, inductor's re-associated float arithmetic may move
+    # an activation across a rounding boundary, which changes later values by a whole step.)
+    layer = ok.quantize_model(nn.Sequential(nn.Linear(16, 8)), first_last_bits=None,
+                              act_signed=True)
+    for _, qz in ok.quantizers(layer):
+        qz.check_finite = False  # the finiteness check is a host sync (a graph break)
+    eager, comp = copy.deepcopy(layer).train(), copy.deepcopy(layer).train()
+    step = torch.compile(comp, fullgraph=True)
+    for seed in range(3):  # cold start, then warm starts from the updated buffers
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.testing.assert_close(step(xc), eager(xe), rtol=1e-6, atol=1e-6)
+        step(xc).sum().backward()
+        eager(xe).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-6, atol=1e-6)
+        for (n, a), (_, b) in zip(ok.quantizers(eager), ok.quantizers(comp)):
+            assert torch.equal(b.scale, a.scale), n
+    torch.testing.assert_close(comp[0].weight.grad, eager[0].weight.grad, rtol=1e-6, atol=1e-6)
+    auto = torch.compile(ok.QuantAct(4), fullgraph=True)
+    with pytest.raises(Exception, match="needs one eager forward before torch.compile"):
+        auto(torch.randn(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm re-estimation
+
+
+def test_reestimate_batchnorm_averages_batch_statistics_with_frozen_quantizers():
+    model = ok.quantize_model(trained_bn(small_cnn()))
+    model.train()(images(32))
+    model.eval()
+    bn = model[1]
+    bn.momentum = 0.3
+    batches = [images(16, seed) for seed in range(4)]
+    frozen = {n: q.scale.clone() for n, q in ok.quantizers(model)}
+    means, variances = [], []
+    with torch.no_grad():
+        for b in batches:
+            h = model[0](b)  # BN input: conv of the quantized input with the quantized weight
+            means.append(h.mean((0, 2, 3)))
+            variances.append(h.var((0, 2, 3), unbiased=True))
+    assert ok.reestimate_batchnorm(model, batches + [images(16, 99)], num_batches=4) == 2
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0), rtol=1e-5,
+                               atol=1e-6)
+    assert bn.momentum == 0.3 and not bn.training and not model.training
+    for n, q in ok.quantizers(model):
+        assert torch.equal(q.scale, frozen[n]), n
+    with pytest.raises(ValueError, match="batches is empty"):
+        ok.reestimate_batchnorm(model, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo script runs (its full run writes bench/results/cpu_qat_digits.md)
+
+
+def test_qat_demo_quick_run():
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn's bundled digits")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "qat_digits.py"), "--quick"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| (d) OCTAV + MPH |" in out.stdout and "| (f) MSE-sweep PTQ |" in out.stdout
