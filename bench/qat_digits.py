@@ -1,7 +1,7 @@
 """End-to-end QAT demo on scikit-learn's bundled 8x8 digits (no download).
 
-A small CNN is trained in fp32, then quantized at 4, 3 and 2 bits (first and last layer at 8
-bits, as in the paper) by:
+A small CNN (two widths: 16, and a narrow 4 where low bit widths hurt) is trained in fp32,
+then quantized at 4, 3 and 2 bits (first and last layer at 8 bits, as in the paper) by:
 
   QAT from the fp32 weights, dynamic scales on every step:
     (a) max scaling + STE      (b) OCTAV + PWL      (c) OCTAV + MAD      (d) OCTAV + MPH
@@ -63,12 +63,13 @@ def digits(seed: int = 0, test_fraction: float = 0.3):
     return (x[train], y[train]), (x[test], y[test])
 
 
-def make_model() -> nn.Sequential:
+def make_model(width: int = 16) -> nn.Sequential:
+    w = width
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+        nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, 10))
 
 
 def batches(data, batch_size: int, seed: int | None):
@@ -148,14 +149,14 @@ class IterationCounter:
             h.remove()
 
 
-def run(seeds, bit_widths, fp32_epochs, qat_epochs, calib_batches, bn_batches):
+def run(width, seeds, bit_widths, fp32_epochs, qat_epochs, calib_batches, bn_batches):
     train_data, test_data = digits()
     results = {}   # (method, bits) -> list of (acc, acc after BN re-est or None, ms/step)
     fp32 = []
     iterations = {}
     for seed in seeds:
         torch.manual_seed(seed)
-        base = make_model()
+        base = make_model(width)
         ms = train(base, train_data, fp32_epochs, 3e-3, seed)
         fp32.append((accuracy(base, test_data), ms))
         calib = batches(train_data, 64, seed)
@@ -179,7 +180,7 @@ def run(seeds, bit_widths, fp32_epochs, qat_epochs, calib_batches, bn_batches):
                 ok.reestimate_batchnorm(model, calib, num_batches=bn_batches)
                 results.setdefault((method, bits), []).append(
                     (acc, accuracy(model, test_data), None))
-        print(f"seed {seed} done", file=sys.stderr)
+        print(f"width {width}, seed {seed} done", file=sys.stderr)
     return fp32, results, iterations
 
 
@@ -189,9 +190,12 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def tables(fp32, results, iterations, bit_widths, seeds, args) -> list[str]:
+def tables(width, fp32, results, iterations, bit_widths, seeds, args) -> list[str]:
     n = len(seeds)
-    lines = [f"fp32 baseline: test accuracy {mean_std([a for a, _ in fp32])} %, "
+    params = sum(p.numel() for p in make_model(width).parameters())
+    lines = [f"## CNN of width {width} (channels {width}-{2 * width}-{4 * width}, "
+             f"{params:,} parameters)", "",
+             f"fp32 baseline: test accuracy {mean_std([a for a, _ in fp32])} %, "
              f"{statistics.mean(ms for _, ms in fp32):.2f} ms per training step "
              f"({args.fp32_epochs} epochs).", ""]
     lines += [f"### Test accuracy, % (mean ± std over {n} seeds; QAT {args.qat_epochs} epochs "
@@ -225,6 +229,8 @@ def tables(fp32, results, iterations, bit_widths, seeds, args) -> list[str]:
 def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 4],
+                        help="CNN widths; the narrow one is where low bit widths hurt")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--fp32-epochs", type=int, default=30)
     parser.add_argument("--qat-epochs", type=int, default=15)
@@ -236,14 +242,16 @@ def main(argv=None) -> list[str]:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.bits, args.fp32_epochs, args.qat_epochs = 1, [4, 2], 1, 1
+        args.widths = [4]
     seeds = list(range(args.seeds))
     start = time.perf_counter()
-    fp32, results, iterations = run(seeds, args.bits, args.fp32_epochs, args.qat_epochs,
-                                     args.calib_batches, args.bn_batches)
     command = "python bench/qat_digits.py " + " ".join(argv if argv is not None
                                                         else sys.argv[1:])
     lines = ["# QAT demo: scikit-learn digits, small CNN, CPU", ""] + header(command.strip())
-    lines += tables(fp32, results, iterations, args.bits, seeds, args)
+    for width in args.widths:
+        fp32, results, iterations = run(width, seeds, args.bits, args.fp32_epochs,
+                                        args.qat_epochs, args.calib_batches, args.bn_batches)
+        lines += tables(width, fp32, results, iterations, args.bits, seeds, args) + [""]
     lines += ["", f"Total wall time: {time.perf_counter() - start:.0f} s."]
     emit(lines, args.out)
     return lines

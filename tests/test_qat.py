@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCALE_RTOL, reference_scale
+from conftest import ALL_BACKENDS, SCALE_RTOL, reference_scale
 from torch import nn
 
 import octav_kernels as ok
-from octav_kernels import reference
+from octav_kernels import backend, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,13 +47,15 @@ def trained_bn(model, seed=2):
 # The layers compute what the ops say
 
 
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
 @pytest.mark.parametrize("granularity", ["channel", "tensor", 4])
-def test_quant_linear_forward_is_linear_of_fake_quantized_operands(granularity):
+def test_quant_linear_forward_is_linear_of_fake_quantized_operands(granularity, backend_name):
     torch.manual_seed(0)
     layer = nn.Linear(16, 6)
     q = ok.QuantLinear.from_float(layer, bits=4, weight_granularity=granularity).train()
     x = torch.randn(5, 16)
-    y = q(x)
+    with backend.use_backend(backend_name):
+        y = q(x)
     w = layer.weight.detach()
     if granularity == "channel":
         kw = {"dim": 0}
@@ -100,10 +102,11 @@ def test_conv1d_and_unsigned_input_after_relu():
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
 @pytest.mark.parametrize("grad, w_est, a_est",
                          [("mph", "mad", "pwl"), ("mad", "mad", "mad"), ("pwl", "pwl", "pwl"),
                           ("ste", "ste", "ste")])
-def test_gradients_follow_the_estimator_of_each_role(grad, w_est, a_est):
+def test_gradients_follow_the_estimator_of_each_role(grad, w_est, a_est, backend_name):
     """dL/dw and dL/dx are SPEC §3's estimators applied to the gradient of the quantized
     operands; the scale gets none."""
     torch.manual_seed(0)
@@ -111,7 +114,8 @@ def test_gradients_follow_the_estimator_of_each_role(grad, w_est, a_est):
     q = ok.QuantLinear.from_float(layer, bits=2, grad=grad).train()  # 2 bits: many clipped
     x = (3 * torch.randn(6, 32)).requires_grad_()
     g = torch.randn(6, 8)
-    q(x).backward(g)
+    with backend.use_backend(backend_name):
+        q(x).backward(g)
 
     w = layer.weight.detach()
     s_w, s_a = q.weight_quantizer.scale, q.input_quantizer.scale
