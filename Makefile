@@ -1,5 +1,6 @@
 # The README's commands. Each target sets up .venv on first use (torch CPU wheel, triton for the
-# interpreted Triton backend, test tools, scikit-learn for the QAT demo's bundled dataset) and (re)builds the C++ extension when csrc/ changes.
+# interpreted Triton backend, test tools, scikit-learn for the QAT demo's bundled dataset) and
+# (re)builds the C++ extension when csrc/ changes.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv

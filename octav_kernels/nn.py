@@ -224,15 +224,16 @@ class Quantizer(nn.Module):
         acc = acc + s if self.reduce == "mean" else torch.maximum(acc, s)
         self._calibration = (acc, count + 1)
 
-    def finish_calibration(self) -> None:
-        """Set the scale from the observed batches and leave calibration mode."""
+    def finish_calibration(self) -> bool:
+        """Leave calibration mode and set the scale from the observed batches. Returns False
+        (scale unchanged) if no batch was observed."""
         self.calibrating = False
         if self._calibration is None:
-            raise RuntimeError(f"{self.name}: saw no data during calibration (is it on the "
-                               "model's forward path?)")
+            return False
         acc, count = self._calibration
         self._calibration = None
         self._set_scale((acc / count if self.reduce == "mean" else acc).float())
+        return True
 
 
 class QuantAct(Quantizer):
@@ -379,34 +380,28 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantConv1d(_QuantLayer, nn.Conv1d):
+class _QuantConv(_QuantLayer):
+    """Shared by the quantized convolutions (the next base in the MRO is ``nn.ConvNd``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None, **quant):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self._init_quantizers(**_quant_kwargs(quant))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
     __doc__ = _QUANT_DOC.format(base="nn.Conv1d")
     float_type = nn.Conv1d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None, **quant):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._init_quantizers(**_quant_kwargs(quant))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-
-class QuantConv2d(_QuantLayer, nn.Conv2d):
+class QuantConv2d(_QuantConv, nn.Conv2d):
     __doc__ = _QUANT_DOC.format(base="nn.Conv2d")
     float_type = nn.Conv2d
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None, **quant):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._init_quantizers(**_quant_kwargs(quant))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 QUANTIZED = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}

@@ -159,8 +159,10 @@ def calibration(model: nn.Module):
             q.calibrating, q._calibration = False, None
         raise
     else:
-        for _, q in found:
-            q.finish_calibration()
+        unseen = [name for name, q in found if not q.finish_calibration()]
+        if unseen:
+            raise RuntimeError("calibration: these quantizers saw no data (are they on the "
+                               "model's forward path?): " + ", ".join(unseen))
     finally:
         for m, flag in flags.items():
             m.training = flag

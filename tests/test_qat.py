@@ -194,6 +194,12 @@ def test_static_reduce_max_and_every_calibrator():
             assert torch.equal(qz(torch.full((4,), k)), torch.full((4,), k))  # passes through
         qz.finish_calibration()
     assert qz.scale.item() == 3.0 and qz.signed is False
+    # A quantizer off the forward path is reported; the others still get their scales.
+    model = nn.Sequential(ok.QuantAct(4), ok.QuantAct(4))
+    with pytest.raises(RuntimeError, match=r"saw no data .*: 1$"):
+        ok.calibrate_model(model, [torch.ones(3)], forward=lambda m, b: m[0](b))
+    assert model[0].scale.item() == 1.0 and not model[1].initialized
+    assert not model[0].calibrating and not model[1].calibrating
     for spec in ("octav", "max", "percentile:99.9", "mse"):
         m = ok.quantize_model(small_cnn(), mode="static", calibrator=spec)
         ok.calibrate_model(m, [images(4)])
