@@ -5,9 +5,16 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: run test bench demo
+# The CUDA build check: compiles and links csrc/cuda/*.cu against a CUDA build of torch in its own
+# venv (no GPU needed), without touching the CPU build of .venv.
+CUDA_TORCH ?= torch==2.14.1
+CUDA_VENV := .venv-cuda
+CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(patsubst %/bin/nvcc,%,$(shell command -v nvcc)))
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: run test bench demo cuda-build
 
 run: $(VENV)/.built
 	$(PY) -m octav_kernels
@@ -24,6 +31,20 @@ bench: $(VENV)/.built
 # The end-to-end QAT demo (scikit-learn digits, ~5 min on 2 cores).
 demo: $(VENV)/.built
 	$(PY) bench/qat_digits.py --out bench/results/cpu_qat_digits.md
+
+cuda-build: $(CUDA_VENV)/.deps
+	CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" OCTAV_FORCE_CUDA=1 \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-tmp --build-lib build/cuda
+	$(CUDA_VENV)/bin/python -c "import importlib.util as u, glob, torch; \
+	  spec = u.spec_from_file_location('octav_kernels._C', glob.glob('build/cuda/octav_kernels/_C*.so')[0]); \
+	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
+	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda'); print('CUDA extension built and loads')"
+
+$(CUDA_VENV)/.deps:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install --quiet "$(CUDA_TORCH)" numpy ninja setuptools
+	touch $@
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)

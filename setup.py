@@ -7,6 +7,11 @@ compiled against the torch it runs with):
 
 OCTAV_SKIP_EXT=1 installs the pure-Python package only; every op then runs on the reference
 implementation (octav_kernels warns once at import).
+
+The CUDA kernels (csrc/cuda/) are compiled in when torch is a CUDA build and a CUDA toolkit is
+found (CUDA_HOME, or nvcc on PATH); OCTAV_FORCE_CUDA=1 makes a missing toolkit an error instead of
+a CPU-only build. Architectures: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). A GPU is not needed to
+build.
 """
 
 import os
@@ -17,21 +22,57 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
+def sources(folder: str, pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / folder).glob(pattern))
+
+
+def with_cuda() -> bool:
+    """Whether to compile the CUDA kernels (see the module docstring)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    forced = os.environ.get("OCTAV_FORCE_CUDA") == "1"
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        return True
+    if forced:
+        raise RuntimeError(
+            "OCTAV_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch {torch.__version__} is {'a CPU' if torch.version.cuda is None else 'a CUDA'} "
+            f"build and CUDA_HOME is {CUDA_HOME!r} (set it to the folder above nvcc's bin/)")
+    return False
+
+
 def extensions():
     if os.environ.get("OCTAV_SKIP_EXT") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
-    sources = ["csrc/ops.cpp"] + cpu_sources
-    ext = CppExtension(
+    # No -ffast-math / --use_fast_math: the kernels rely on IEEE division, round-half-even and
+    # NaN tests.
+    cxx = ["-O3", "-march=x86-64-v2", "-fopenmp"]
+    if not with_cuda():
+        ext = CppExtension("octav_kernels._C", ["csrc/ops.cpp"] + sources("cpu", "*.cpp"),
+                           extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    include_dirs = []
+    try:  # pip's CUDA torch ships the toolkit headers it was built with (cusparse.h, ...)
+        import nvidia
+
+        for root in map(Path, nvidia.__path__):
+            include_dirs += [str(d) for d in sorted(root.glob("cu*/include")) if d.is_dir()]
+    except ImportError:
+        pass
+    ext = CUDAExtension(
         "octav_kernels._C",
-        sources,
-        # No -ffast-math: the kernels rely on IEEE division, round-half-even and NaN tests.
-        extra_compile_args=["-O3", "-march=x86-64-v2", "-fopenmp"],
+        ["csrc/ops.cpp"] + sources("cpu", "*.cpp") + sources("cuda", "*.cu"),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx + ["-DOCTAV_WITH_CUDA"],
+                            "nvcc": ["-O3", "-DOCTAV_WITH_CUDA"]},
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#ifdef OCTAV_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "octav_kernels compiled kernels";
@@ -11,4 +14,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("octav_scale_cpu", &octav::cpu::octav_scale);
   m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
   m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
+#ifdef OCTAV_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("masked_sums_cuda", &octav::cuda::masked_sums);
+  m.def("octav_scale_cuda", &octav::cuda::octav_scale);
+  m.def("octav_fake_quantize_cuda", &octav::cuda::octav_fake_quantize);
+  m.def("fake_quantize_cuda", &octav::cuda::fake_quantize);
+  m.def("fake_quantize_backward_cuda", &octav::cuda::fake_quantize_backward);
+  m.def("masked_backward_cuda", &octav::cuda::masked_backward);
+#else
+  m.attr("with_cuda") = false;
+#endif
 }

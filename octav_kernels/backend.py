@@ -5,11 +5,14 @@ Backends (each a module with ``masked_sums``, ``octav_scale``, ``fake_quantize``
 signatures of ``octav_kernels.reference``; without a fused one, ops.py composes the first two):
 
 - ``cpu``: the C++ kernels of ``octav_kernels._C``; default for CPU tensors.
-- ``triton``: ``octav_kernels.triton``; default for CUDA tensors. Runs on CPU tensors only under
-  ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the tests check it.
-- ``reference``: plain PyTorch (``octav_kernels.reference``); any device, and the fallback for
-  CPU tensors when the extension is not built.
-- ``cuda``: hand-written CUDA kernels (not built yet; see the GPU issue).
+- ``cuda``: the hand-written CUDA kernels of ``octav_kernels._C`` (csrc/cuda/, compiled when the
+  extension is built with a CUDA toolkit); default for CUDA tensors when built (measured faster
+  than Triton: bench/results/gpu_bench.md).
+- ``triton``: ``octav_kernels.triton``; default for CUDA tensors when the CUDA kernels are not
+  built. Runs on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is imported),
+  which is how the tests check it.
+- ``reference``: plain PyTorch (``octav_kernels.reference``); any device, and the fallback when
+  neither kernel backend can serve a tensor.
 
 Force one with ``OCTAV_BACKEND=reference|cpu|triton|cuda`` in the environment (read on every
 call) or ``with octav_kernels.use_backend("triton"):``; ``auto`` (the default) picks as above.
@@ -52,6 +55,11 @@ def compiled() -> ModuleType:
     return _C
 
 
+def cuda_kernels_built() -> bool:
+    """Whether ``octav_kernels._C`` holds the CUDA kernels."""
+    return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -90,7 +98,7 @@ def available(name: str, device: torch.device) -> bool:
     if name == "triton":
         return triton_available() and (device.type == "cuda" or
                                        (device.type == "cpu" and _interpreting()))
-    return False  # cuda: not built yet
+    return cuda_kernels_built() and device.type == "cuda"
 
 
 def select(device: torch.device) -> ModuleType:
@@ -99,6 +107,8 @@ def select(device: torch.device) -> ModuleType:
     if name == "auto":
         if device.type == "cpu":
             name = "cpu" if _C is not None else "reference"
+        elif device.type == "cuda" and cuda_kernels_built():
+            name = "cuda"
         elif device.type == "cuda" and triton_available():
             name = "triton"
         else:
@@ -107,5 +117,6 @@ def select(device: torch.device) -> ModuleType:
         raise RuntimeError(
             f"octav backend {name!r} cannot serve {device.type} tensors here "
             "(cpu needs the compiled extension and CPU tensors; triton needs triton and CUDA "
-            "tensors, or TRITON_INTERPRET=1 for CPU tensors; cuda is not built yet)")
+            "tensors, or TRITON_INTERPRET=1 for CPU tensors; cuda needs CUDA tensors and an "
+            "extension built with a CUDA toolkit)")
     return importlib.import_module(f"octav_kernels.{name}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _args, backend
+from . import _args, backend, reference
 from ._args import Groups
 
 # ---------------------------------------------------------------------------------------------
@@ -143,16 +143,20 @@ def _(grad_out, x, scale, signed=True, dim=None, group_size=None, grad="mad"):
 
 def _grad_x(ctx, grad_out):
     """d(loss)/dx of the clip-quantize op by the estimator chosen in the forward (SPEC §3)."""
-    x, scale = ctx.saved_tensors
     if ctx.grad == "ste":
         return grad_out
+    x, scale = ctx.saved_tensors
     return torch.ops.octav.fake_quantize_backward(
         grad_out, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad)
 
 
 def _save_for_grad(ctx, x, scale, signed, dim, group_size, grad):
+    """Saves what the estimator needs: nothing for STE, x and the scale for PWL and MAD (the
+    PWL path of the public wrappers saves a bit-packed mask instead where the backend has one:
+    see _fake_quantize_packed)."""
     ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
-    ctx.save_for_backward(x, scale)
+    if grad != "ste":
+        ctx.save_for_backward(x, scale)
 
 
 def _fake_quantize_setup(ctx, inputs, output):
@@ -210,6 +214,103 @@ def _octav_fake_quantize_grad(ctx, grad_y, grad_scale):
 
 _octav_fake_quantize.register_autograd(_octav_fake_quantize_grad,
                                        setup_context=_octav_fake_quantize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# PWL with a bit-packed mask: the forward also returns the PWL pass-through set, 1 bit per
+# element (reference.pwl_mask's layout), and the backward reads only that and the incoming
+# gradient. The public wrappers take this path for grad="pwl" in training when the serving
+# backend computes the mask inside its forward kernel (has ``fake_quantize_packed``); an
+# activation then keeps numel / 8 bytes for its backward instead of itself.
+
+
+def _packed_backend(x: torch.Tensor, grad: str):
+    """The backend module if this call should take the packed-mask PWL path, else None."""
+    if grad != "pwl" or not (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    kernels = backend.select(x.device)
+    return kernels if hasattr(kernels, "fake_quantize_packed") else None
+
+
+def _empty_mask(x):
+    return torch.empty(((x.numel() + 31) // 32,), dtype=torch.int32, device=x.device)
+
+
+@torch.library.custom_op(
+    "octav::_fake_quantize_packed", mutates_args=(),
+    schema="(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
+           "int? group_size=None, bool narrow=False) -> (Tensor, Tensor)")
+def _fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    scale = _args.check_scale(scale, x, g)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), _empty_mask(x)
+    kernels = backend.select(x.device)
+    if hasattr(kernels, "fake_quantize_packed"):
+        return kernels.fake_quantize_packed(x, scale, bits, signed, g.dim, g.group_size, narrow)
+    y = kernels.fake_quantize(x, scale, bits, signed, g.dim, g.group_size, "pwl", narrow)
+    return y, reference.pwl_mask(x, scale, signed, g.dim, g.group_size)
+
+
+@_fake_quantize_packed.register_fake
+def _(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    _args.check_scale(scale, x, g)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), _empty_mask(x)
+
+
+@torch.library.custom_op(
+    "octav::_octav_fake_quantize_packed", mutates_args=(),
+    schema="(Tensor x, int bits, bool signed=True, int? dim=None, int? group_size=None, "
+           "Tensor? init=None, bool narrow=False) -> (Tensor, Tensor, Tensor)")
+def _octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, init=None,
+                                narrow=False):
+    g, init = _check_octav(x, bits, signed, dim, group_size, init, narrow)
+    if x.numel() == 0:
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device), _empty_mask(x))
+    kernels = backend.select(x.device)
+    if hasattr(kernels, "octav_fake_quantize_packed"):
+        return kernels.octav_fake_quantize_packed(x, bits, signed, g.dim, g.group_size, init,
+                                                  narrow)
+    scale = kernels.octav_scale(x, bits, signed, g.dim, g.group_size, init, narrow=narrow)
+    y, mask = _fake_quantize_packed(x, scale, bits, signed, g.dim, g.group_size, narrow)
+    return y, scale, mask
+
+
+@_octav_fake_quantize_packed.register_fake
+def _(x, bits, signed=True, dim=None, group_size=None, init=None, narrow=False):
+    g, _ = _check_octav(x, bits, signed, dim, group_size, init, narrow)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            x.new_empty(g.scale_shape, dtype=torch.float32), _empty_mask(x))
+
+
+@torch.library.custom_op("octav::_pwl_backward_packed", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor mask) -> Tensor")
+def _pwl_backward_packed(grad_out, mask):
+    kernels = backend.select(grad_out.device)
+    if grad_out.numel() > 0 and hasattr(kernels, "pwl_backward_packed"):
+        return kernels.pwl_backward_packed(grad_out.contiguous(), mask)
+    return reference.pwl_backward_from_mask(grad_out, mask)
+
+
+@_pwl_backward_packed.register_fake
+def _(grad_out, mask):
+    return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+
+
+def _packed_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(output[-1])
+
+
+def _packed_grad(ctx, grad_y, *_):
+    (mask,) = ctx.saved_tensors
+    return (torch.ops.octav._pwl_backward_packed(grad_y, mask),) + (None,) * 6
+
+
+_fake_quantize_packed.register_autograd(_packed_grad, setup_context=_packed_setup)
+_octav_fake_quantize_packed.register_autograd(_packed_grad, setup_context=_packed_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +383,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bo
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale),))
     _args.check_grad(grad)
+    if _packed_backend(x, grad) is not None:
+        return torch.ops.octav._fake_quantize_packed(x, scale, bits, signed, dim, group_size,
+                                                     narrow)[0]
     return torch.ops.octav.fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
 
 
@@ -297,5 +401,9 @@ def octav_fake_quantize(x: torch.Tensor, bits: int, *, signed: bool = True,
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("init", init),))
     _args.check_grad(grad)
+    if _packed_backend(x, grad) is not None:
+        y, scale, _ = torch.ops.octav._octav_fake_quantize_packed(x, bits, signed, dim,
+                                                                  group_size, init, narrow)
+        return y, scale
     return torch.ops.octav.octav_fake_quantize(x, bits, signed, dim, group_size, grad, init,
                                                narrow)

@@ -133,7 +133,10 @@ def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="
         step = s / L;  q = clamp(round_half_even(x / step), lo, hi) * step;  q = 0 where s == 0
     """
     L, lo, hi = levels(bits, signed, narrow)
-    step = _broadcast(scale.float(), x, dim, group_size) / L
+    # A tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal,
+    # which is not the correctly rounded s / L for L = 2**(B-1) - 1 (narrow).
+    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(L, dtype=torch.float32,
+                                                                        device=x.device)
     return quantize_to_grid(x.float(), step, lo, hi).to(x.dtype)
 
 
@@ -172,6 +175,27 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     else:
         out = torch.where(inside, g, torch.where(below, zero, g * (s / a)))
     return out.to(x.dtype)
+
+
+def pwl_mask(x, scale, signed=True, dim=None, group_size=None):
+    """SPEC §3's PWL pass-through set (``|x| <= s``; unsigned ``0 <= x <= s``) bit-packed in x's
+    flat contiguous order: bit ``k % 32`` of int32 word ``k // 32`` is element k."""
+    ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(ctype)
+    s = _broadcast(scale.to(ctype), x, dim, group_size)
+    inside = xc.abs() <= s if signed else (xc >= 0) & (xc <= s)
+    flat = inside.reshape(-1).to(torch.int64)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 32)).reshape(-1, 32)
+    words = (flat << torch.arange(32, device=x.device)).sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pwl_backward_from_mask(grad_out, mask):
+    """PWL gradient from the packed mask alone: ``grad_out`` where the bit is set, else 0."""
+    bits = (mask.to(torch.int64).unsqueeze(1) >> torch.arange(32, device=mask.device)) & 1
+    inside = bits.reshape(-1)[:grad_out.numel()].reshape(grad_out.shape).bool()
+    return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype,
+                                                     device=grad_out.device))
 
 
 def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,

@@ -13,24 +13,61 @@ import torch  # noqa: E402
 
 from octav_kernels import backend, ops  # noqa: E402
 
+GPU = torch.cuda.is_available()
 
-def _backend_param(name: str, reason: str):
-    ok = backend.available(name, torch.device("cpu"))
-    if not ok and name in os.environ.get("OCTAV_REQUIRE_BACKENDS", "").split(","):
-        pytest.exit(f"OCTAV_REQUIRE_BACKENDS lists {name!r}, which is unavailable: {reason}",
+
+def _backend_param(name: str, device: str, reason: str):
+    """A backend on a device, as a test parameter: the value is the backend name, the id says
+    where it runs ("triton" = interpreted on CPU tensors, "triton-cuda" = compiled on a GPU),
+    and the ``device`` mark makes the ``_test_device`` fixture create the test's tensors there."""
+    tag = name if device == "cpu" else f"{name}-{device}"
+    if device == "cuda" and not GPU:
+        ok, reason = False, "needs a CUDA GPU (none here)"
+    else:
+        ok = backend.available(name, torch.device(device))
+    if not ok and tag in os.environ.get("OCTAV_REQUIRE_BACKENDS", "").split(","):
+        pytest.exit(f"OCTAV_REQUIRE_BACKENDS lists {tag!r}, which is unavailable: {reason}",
                     returncode=3)
-    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=reason), id=name)
+    return pytest.param(name, id=tag,
+                        marks=[pytest.mark.skipif(not ok, reason=reason),
+                               pytest.mark.device(device)])
 
 
 # Backends checked against octav_kernels.reference (the oracle, never "checked" against itself).
-# CI sets OCTAV_REQUIRE_BACKENDS=cpu,triton so that a missing backend fails instead of skipping.
+# CI sets OCTAV_REQUIRE_BACKENDS=cpu,triton so that a missing backend fails instead of skipping;
+# on a GPU machine, OCTAV_REQUIRE_BACKENDS=triton-cuda,cuda-cuda and TRITON_INTERPRET=0 run the
+# same matrix on CUDA tensors with compiled Triton and the CUDA kernels.
 KERNEL_BACKENDS = [
-    _backend_param("cpu", "octav_kernels._C not built"),
-    _backend_param("triton", "triton not installed or TRITON_INTERPRET unset"),
+    _backend_param("cpu", "cpu", "octav_kernels._C not built"),
+    _backend_param("triton", "cpu", "triton not installed or TRITON_INTERPRET unset"),
+    _backend_param("triton", "cuda", "triton not installed"),
+    _backend_param("cuda", "cuda", "octav_kernels._C built without CUDA kernels"),
 ]
 
 # Every backend, for tests whose expected values are derived by hand.
-ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
+ALL_BACKENDS = [pytest.param("reference", id="reference"),
+                _backend_param("reference", "cuda", "")] + KERNEL_BACKENDS
+
+
+@pytest.fixture(autouse=True)
+def _test_device(request):
+    """Tensors (and modules) a test creates land on its backend's device."""
+    mark = request.node.get_closest_marker("device")
+    if mark is None or mark.args[0] == "cpu":
+        yield
+        return
+    with torch.device(mark.args[0]):
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device(name): the device a backend parameter runs on")
+
+
+def on_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` moved to the device the running test creates tensors on."""
+    return t.to(torch.get_default_device())
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BITS = [2, 3, 4, 8, 16]
@@ -61,11 +98,11 @@ SCALE_RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5,
 # with the same operation order on every backend: results must match bit for bit.
 
 
-# (backend, dtype) pairs of the matrix; float64 is CPU-only (SPEC §6), so not for triton.
+# (backend, dtype) pairs of the matrix; float64 is CPU-only (SPEC §6), so only for cpu.
 BACKEND_DTYPES = [
-    pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.values[0]}-{str(dtype)[6:]}")
+    pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.id}-{str(dtype)[6:]}")
     for b in KERNEL_BACKENDS for dtype in DTYPES
-    if not (b.values[0] == "triton" and dtype == torch.float64)
+    if b.values[0] == "cpu" or dtype != torch.float64
 ]
 
 
@@ -73,12 +110,13 @@ def make_data(shape, dtype=torch.float32, signed=True, seed=0, zeros=0.1):
     """Heavy-tailed test data (Gaussian with log-normal magnitudes) with a fraction of exact
     zeros; unsigned data keeps some negative entries, which OCTAV must ignore."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    x = x * torch.exp(0.5 * torch.randn(shape, generator=gen, dtype=torch.float64))
-    x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < zeros, 0.0, x)
+    kw = {"generator": gen, "dtype": torch.float64, "device": "cpu"}
+    x = torch.randn(shape, **kw)
+    x = x * torch.exp(0.5 * torch.randn(shape, **kw))
+    x = torch.where(torch.rand(shape, **kw) < zeros, 0.0, x)
     if not signed:
-        x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.8, x.abs(), x)
-    return x.to(dtype)
+        x = torch.where(torch.rand(shape, **kw) < 0.8, x.abs(), x)
+    return on_device(x.to(dtype))
 
 
 def assert_scale_close(actual, expected, dtype):

@@ -206,3 +206,69 @@ def test_non_contiguous_channels_last_and_odd_sizes(name):
                                 view.contiguous(), g)
         assert_bitwise(grad, grad_ref)
         assert_bitwise(view, before)  # never modified in place
+
+
+# ------------------------------------------------------------ what the backward keeps alive
+
+
+def test_pwl_mask_layout_by_hand():
+    """Bit k % 32 of word k // 32 is element k of SPEC §3's PWL pass-through set."""
+    x = torch.zeros(40)
+    x[[0, 3, 31, 33]] = torch.tensor([5.0, -2.5, 2.0, float("nan")])  # out, out, in, out
+    mask = reference.pwl_mask(x, torch.tensor(2.0))
+    expected = [~((1 << 0) | (1 << 3)) & 0xFFFFFFFF, 0xFF & ~(1 << 1)]
+    assert [w & 0xFFFFFFFF for w in mask.tolist()] == expected
+    g = torch.arange(40.0) + 1
+    torch.testing.assert_close(reference.pwl_backward_from_mask(g, mask),
+                               reference.fake_quantize_backward(g, x, torch.tensor(2.0),
+                                                                grad="pwl"), rtol=0, atol=0)
+
+
+def saved_by_backward(name, fn, x):
+    """The tensors autograd keeps for the backward of ``fn(x)`` (x a leaf that needs grad)."""
+    saved = []
+    leaf = x.detach().clone().requires_grad_()
+    with use_backend(name), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        fn(leaf)
+    return saved
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_pwl_and_ste_keep_little_for_the_backward(name):
+    """STE keeps nothing; PWL keeps a bit-packed mask (1 bit per element) where the backend
+    computes it in its forward kernel (cuda), else x and the scale; MAD keeps x and the scale."""
+    x = make_data((33, 70), seed=40)
+    scale = reference_scale(x, 4, dim=0)
+    packed = name == "cuda"
+    for fn in (lambda t: ok.fake_quantize(t, scale, 4, dim=0, grad="pwl"),
+               lambda t: ok.octav_fake_quantize(t, 4, grad="pwl")):
+        saved = saved_by_backward(name, fn, x)
+        if packed:
+            assert [(t.dtype, t.numel()) for t in saved] == [(torch.int32, (33 * 70 + 31) // 32)]
+        else:
+            assert any(t.shape == x.shape and t.dtype == x.dtype for t in saved)
+    assert saved_by_backward(name, lambda t: ok.fake_quantize(t, scale, 4, dim=0, grad="ste"),
+                             x) == []
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_packed_pwl_ops(name, gran):
+    """The packed-mask ops give fake_quantize's output, reference.pwl_mask's mask and the PWL
+    gradient, on every backend (natively where it has the kernels, else composed)."""
+    x = make_data(MATRIX_SHAPE, seed=41)
+    x.view(-1)[7] = float("nan")
+    scale = reference_scale(x, 3, **gran)
+    g = make_data(MATRIX_SHAPE, seed=42, zeros=0.0)
+    dim, group_size = gran.get("dim"), gran.get("group_size")
+    with use_backend(name):
+        y, mask = torch.ops.octav._fake_quantize_packed(x, scale, 3, True, dim, group_size)
+        y2, s2, mask2 = torch.ops.octav._octav_fake_quantize_packed(x, 3, True, dim, group_size)
+        gx = torch.ops.octav._pwl_backward_packed(g, mask)
+    assert_bitwise(y, reference.fake_quantize(x, scale, 3, True, dim, group_size))
+    assert torch.equal(mask, reference.pwl_mask(x, scale, True, dim, group_size))
+    assert torch.equal(mask2, reference.pwl_mask(x, s2, True, dim, group_size))
+    assert_bitwise(y2, reference.fake_quantize(x, s2, 3, True, dim, group_size))
+    assert_bitwise(gx, reference.fake_quantize_backward(g, x, scale, True, dim, group_size,
+                                                        grad="pwl"))

@@ -16,6 +16,7 @@ from conftest import (
     assert_bitwise,
     assert_scale_close,
     make_data,
+    on_device,
     reference_scale,
 )
 
@@ -327,14 +328,22 @@ def test_cpu_result_independent_of_thread_count():
         assert torch.equal(s, results[0][0]) and torch.equal(s_out, results[0][1])
 
 
-# ------------------------------------------------ large groups: the C++ bracketed solver
+# ------------------------------------------------ large groups: the C++ bracketed solver, the
+# CUDA whole-tensor (cooperative) and block-per-group solvers, compiled Triton
 
-LARGE = 50_000  # above the C++ kernels' 32768-element threshold for the bracketed solver
-requires_cpu = pytest.mark.skipif(not ok.backend.available("cpu", torch.device("cpu")),
-                                  reason="octav_kernels._C not built")
+LARGE = 50_000  # above the C++ kernels' 32768-element threshold for the bracketed solver and
+# the CUDA kernels' on-chip limit for float32 (40960 elements)
+LARGE_BACKENDS = [p for p in KERNEL_BACKENDS if p.id != "triton"]  # not the slow interpreter
 
 
 def large_data(kind: str, n: int = LARGE, seed: int = 0) -> torch.Tensor:
+    """Seeded data of one kind, made on the CPU and moved to the test's device."""
+    with torch.device("cpu"):
+        x = _large_data_cpu(kind, n, seed)
+    return on_device(x)
+
+
+def _large_data_cpu(kind: str, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(n, generator=gen)
     if kind == "gaussian":
@@ -362,48 +371,48 @@ LARGE_KINDS = ["gaussian", "laplace", "student-outliers", "uniform", "sparse", "
                "bimodal", "relu"]
 
 
-@requires_cpu
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("kind", LARGE_KINDS)
-def test_bracketed_solver_parity(kind, grid, bits, dtype):
+def test_large_group_parity(kind, grid, bits, dtype, name):
     """Cold (histogram + bracket) and warm (init 4% off) starts on large groups reach the
     reference's fixed point."""
     signed, narrow = grid
     x = large_data(kind).to(dtype)
     kw = dict(signed=signed, narrow=narrow)
     expected = reference_scale(x, bits, **kw)
-    with use_backend("cpu"):
+    with use_backend(name):
         assert_scale_close(ok.octav_scale(x, bits, **kw), expected, dtype)
         warm = ok.octav_scale(x, bits, init=expected * 1.04, **kw)
     assert_scale_close(warm, reference_scale(x, bits, init=expected * 1.04, **kw), dtype)
 
 
-@requires_cpu
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
 @pytest.mark.parametrize("factor", [0.2, 0.7, 1.5, 5.0])
-def test_bracketed_solver_far_warm_start(factor):
+def test_large_group_far_warm_start(factor, name):
     """An init far from the answer leaves the bracket: new brackets, then plain passes."""
     x = large_data("laplace")
     expected = reference_scale(x, 4, init=torch.tensor(float(reference_scale(x, 4)) * factor))
-    with use_backend("cpu"):
+    with use_backend(name):
         got = ok.octav_scale(x, 4, init=torch.tensor(float(reference_scale(x, 4)) * factor))
     assert_scale_close(got, expected, torch.float32)
 
 
-@requires_cpu
-def test_bracketed_solver_large_channels():
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
+def test_large_channels(name):
     x = torch.stack([large_data(k, 40_000, seed=i) for i, k in
                      enumerate(["gaussian", "uniform", "integers"])])
     for kw in ({"dim": 0}, {"dim": 0, "signed": False}):
         expected = reference_scale(x, 3, **kw)
-        with use_backend("cpu"):
+        with use_backend(name):
             assert_scale_close(ok.octav_scale(x, 3, **kw), expected, torch.float32)
 
 
-@requires_cpu
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_bracketed_solver_non_finite(signed):
+def test_large_group_non_finite(signed, name):
     """The histogram samples every 8th element; a NaN or inf it skips still reaches the scale
     through the bracket pass."""
     x = large_data("gaussian")
@@ -413,17 +422,17 @@ def test_bracketed_solver_non_finite(signed):
                              (-float("inf"), lambda s: s == float("inf"))):
             y = x.clone()
             y[index] = value
-            with use_backend("cpu"):
+            with use_backend(name):
                 got = ok.octav_scale(y, 4, signed=signed)
                 warm = ok.octav_scale(y, 4, signed=signed, init=torch.tensor(2.0))
             assert check(got) and check(warm), (index, value, got, warm)
             assert check(reference_scale(y, 4, signed=signed))
 
 
-@requires_cpu
-def test_bracketed_solver_tiny_magnitudes():
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
+def test_large_group_tiny_magnitudes(name):
     """Subnormal-sized data puts the bracket's lower edge at 0: zeros must stay out of n_in."""
     x = large_data("sparse") * 1.2e-40  # s ~ 3e-40: bracket bins 0..6; 90% zeros
     expected = reference_scale(x, 4)
-    with use_backend("cpu"):
+    with use_backend(name):
         assert_scale_close(ok.octav_scale(x, 4), expected, torch.float32)

@@ -16,7 +16,7 @@ from ._common import check_dtype, exact_bf16_store, round_to_bf16
 _BLOCK = 1024
 # 1.5 * 2**23: (v + M) - M rounds a float32 |v| < 2**22 to the nearest integer, ties to even
 # (libdevice.rint is not available in the interpreter).
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

@@ -1,0 +1,260 @@
+// Device helpers shared by the CUDA kernel families: the thresholded magnitude, the quantizer of
+// SPEC §1, 16-byte vector loads of 8 elements, and (S_out, n_in, n_out, max a) reductions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace octav::cuda {
+
+// float32, float16 and bfloat16 (float64 is CPU-only, SPEC §6).
+#define OCTAV_DISPATCH_FLOATING(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// f(std::true_type) or f(std::false_type): a runtime flag as a template argument.
+template <typename F>
+void dispatch_bool(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+constexpr int kWarp = 32;
+constexpr int kChunk = 8;  // elements per thread step of the elementwise kernels: 16 or 32 bytes
+
+// |x| signed; x unsigned with -inf mapped to +inf so every non-finite entry reaches the scale.
+template <bool Signed>
+__device__ __forceinline__ float magnitude(float v) {
+  if constexpr (Signed) {
+    return fabsf(v);
+  } else {
+    return fabsf(v) == INFINITY ? INFINITY : v;
+  }
+}
+
+// SPEC §1: clamp(round(x / step), lo, hi) * step, step = s / L, with IEEE division and
+// round-half-even (as the CPU kernels); 0 where s == 0; the comparisons keep NaN.
+// `step` is s / L (callers compute it once per group).
+__device__ __forceinline__ float quantize(float v, float s, float step, float lo, float hi) {
+  if (s == 0.0f) return 0.0f;
+  float r = rintf(__fdiv_rn(v, step));
+  r = r < lo ? lo : (r > hi ? hi : r);
+  return __fmul_rn(r, step);
+}
+
+// Whether PWL passes the gradient of x (SPEC §3): |x| <= s signed, 0 <= x <= s unsigned.
+template <bool Signed>
+__device__ __forceinline__ bool inside(float v, float s) {
+  if constexpr (Signed) {
+    return fabsf(v) <= s;
+  } else {
+    return v >= 0.0f && v <= s;
+  }
+}
+
+// 8 consecutive elements through 16-byte loads and stores (p 16-byte aligned).
+template <typename T>
+struct alignas(16) Chunk {
+  T v[kChunk];
+};
+
+template <typename T>
+__device__ __forceinline__ Chunk<T> load_chunk(const T* p) {
+  Chunk<T> c;
+  const uint4* src = reinterpret_cast<const uint4*>(p);
+  uint4* dst = reinterpret_cast<uint4*>(c.v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Chunk<T>) / 16); ++i) dst[i] = __ldg(src + i);
+  return c;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* p, const Chunk<T>& c) {
+  uint4* dst = reinterpret_cast<uint4*>(p);
+  const uint4* src = reinterpret_cast<const uint4*>(c.v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Chunk<T>) / 16); ++i) dst[i] = src[i];
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Grid size for a grid-stride loop over n_items with `threads` per block: one item per thread,
+// capped at 16 blocks per SM.
+inline int blocks_for(int64_t n_items, int threads) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = (n_items + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 16)));
+}
+
+// Where element k0 sits: its scale group and how many elements remain in its row.
+struct GroupCursor {
+  int64_t g, left;
+  int64_t n_groups, inner;
+
+  __device__ GroupCursor(int64_t k0, int64_t n_groups_, int64_t inner_)
+      : n_groups(n_groups_), inner(inner_) {
+    const int64_t row = k0 / inner;
+    left = inner - (k0 - row * inner);
+    g = n_groups == 1 ? 0 : row % n_groups;
+  }
+  __device__ __forceinline__ bool next() {  // step to the next element; true if its group changed
+    const bool changed = left == 0;
+    if (changed) {
+      left = inner;
+      g = g + 1 == n_groups ? 0 : g + 1;
+    }
+    --left;
+    return changed;
+  }
+};
+
+// y = quantize(x) over the whole flat tensor, grid-stride in chunks of 8 (the calling kernel's
+// whole grid takes part); with WriteMask, also the bit-packed PWL mask (bit k % 32 of word
+// k / 32 set where PWL passes element k's gradient): a chunk gives a byte, lanes 4m..4m+3 hold
+// chunks 4w..4w+3 and lane 4m writes word w. The loop is warp-uniform so the shuffles are safe.
+template <typename T, bool Vec, bool Signed, bool WriteMask>
+__device__ __forceinline__ void quantize_chunks(const T* __restrict__ x, T* __restrict__ y,
+                                                const float* scale, uint32_t* __restrict__ mask,
+                                                int64_t numel, int64_t n_groups, int64_t inner,
+                                                float L, float lo, float hi) {
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t lane = threadIdx.x % kWarp;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x - lane;
+       base < n_chunks; base += stride) {
+    const int64_t ci = base + lane;
+    const int64_t k0 = ci * kChunk;
+    uint32_t bits = 0;
+    if (ci < n_chunks) {
+      GroupCursor cur(k0, n_groups, inner);
+      float s = scale[cur.g], step = __fdiv_rn(s, L);
+      auto one = [&](float v, int j) {
+        if (cur.next()) {
+          s = scale[cur.g];
+          step = __fdiv_rn(s, L);
+        }
+        if (WriteMask) bits |= static_cast<uint32_t>(inside<Signed>(v, s)) << j;
+        return static_cast<T>(quantize(v, s, step, lo, hi));
+      };
+      if (Vec && k0 + kChunk <= numel) {
+        Chunk<T> c = load_chunk(x + k0);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) c.v[j] = one(static_cast<float>(c.v[j]), j);
+        store_chunk(y + k0, c);
+      } else {
+        for (int j = 0; j < kChunk && k0 + j < numel; ++j) {
+          y[k0 + j] = one(static_cast<float>(x[k0 + j]), j);
+        }
+      }
+    }
+    if (WriteMask) {
+      bits |= __shfl_down_sync(0xffffffffu, bits, 1) << 8;
+      bits |= __shfl_down_sync(0xffffffffu, bits, 2) << 16;
+      if (lane % 4 == 0 && ci < n_chunks) mask[ci / 4] = bits;
+    }
+  }
+}
+
+// Per-thread statistics of one pass at threshold s over a few hundred elements at most (float
+// sum, int counts); flushed into Totals for longer runs and for every reduction.
+struct Stats {
+  float s_out = 0.0f;
+  int n_in = 0;
+  int n_out = 0;
+  float a_max = 0.0f;
+
+  template <bool Signed>
+  __device__ __forceinline__ void add(float v, float s) {
+    const float a = magnitude<Signed>(v);
+    const bool out = (a > s) | (a != a);
+    s_out += out ? a : 0.0f;
+    n_out += out;
+    n_in += (a > 0.0f) & (a <= s);
+    a_max = fmaxf(a_max, a);
+  }
+};
+
+// (S_out, n_in, n_out, max a) of a group: double sum, exact int64 counts.
+struct Totals {
+  double s_out = 0.0;
+  long long n_in = 0;
+  long long n_out = 0;
+  float a_max = 0.0f;
+
+  __device__ __forceinline__ void add(const Stats& t) {
+    s_out += t.s_out;
+    n_in += t.n_in;
+    n_out += t.n_out;
+    a_max = fmaxf(a_max, t.a_max);
+  }
+  __device__ __forceinline__ void add(const Totals& t) {
+    s_out += t.s_out;
+    n_in += t.n_in;
+    n_out += t.n_out;
+    a_max = fmaxf(a_max, t.a_max);
+  }
+};
+
+__device__ __forceinline__ Totals warp_sum(Totals t) {
+#pragma unroll
+  for (int d = kWarp / 2; d > 0; d /= 2) {  // butterfly: every lane ends with the same total
+    Totals o;
+    o.s_out = __shfl_xor_sync(0xffffffffu, t.s_out, d);
+    o.n_in = __shfl_xor_sync(0xffffffffu, t.n_in, d);
+    o.n_out = __shfl_xor_sync(0xffffffffu, t.n_out, d);
+    o.a_max = __shfl_xor_sync(0xffffffffu, t.a_max, d);
+    t.add(o);
+  }
+  return t;
+}
+
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the total, added in the
+// same order in every thread and every block. `scratch` holds 32 Totals; the trailing barrier
+// makes it reusable at once.
+__device__ __forceinline__ Totals block_sum(Totals t, Totals* scratch) {
+  t = warp_sum(t);
+  const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  if (threadIdx.x % kWarp == 0) scratch[warp] = t;
+  __syncthreads();
+  Totals total;
+  for (int w = 0; w < n_warps; ++w) total.add(scratch[w]);
+  __syncthreads();
+  return total;
+}
+
+// s_next = S_out / (c n_in + n_out) (double, then float), or max a when nothing lies above s.
+__device__ __forceinline__ float next_scale(const Totals& t, double octav_const) {
+  if (t.n_out == 0) return t.a_max;
+  return static_cast<float>(t.s_out / (octav_const * static_cast<double>(t.n_in) +
+                                       static_cast<double>(t.n_out)));
+}
+
+// The SPEC §2 stopping rules (as csrc/cpu/octav.cpp). True when the iteration ends, with s set.
+__device__ __forceinline__ bool finished(float nxt, float& s, float& prev, double rtol) {
+  const bool converged =
+      nxt == s || fabs(static_cast<double>(nxt) - static_cast<double>(s)) <= rtol * s || nxt != nxt;
+  if (converged) {
+    s = nxt;
+    return true;
+  }
+  if (nxt == prev) {  // 2-cycle: the smaller of the two
+    s = fminf(s, nxt);
+    return true;
+  }
+  prev = s;
+  s = nxt;
+  return false;
+}
+
+}  // namespace octav::cuda

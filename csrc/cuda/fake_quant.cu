@@ -1,0 +1,190 @@
+// Clip-quantize forward and its STE / PWL / MAD backward on CUDA (SPEC §1, §3).
+//
+// Elementwise over the flat contiguous tensor, grid-stride, int64 indices. A thread step is a
+// chunk of 8 consecutive elements read and written with 16-byte accesses (two for float32).
+// Element k uses scale[(k / inner) % n_groups]: one division per chunk, then the group is
+// advanced as the chunk crosses row ends. Unaligned pointers take the scalar path.
+//
+// The PWL clip mask is bit-packed: bit k % 32 of word k / 32 is 1 where PWL passes the gradient
+// of element k. A chunk gives one byte; four lanes' bytes make a word, written by one lane.
+#include "kernels.h"
+#include "common.cuh"
+
+namespace octav::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+enum Mode : int64_t { kSte = 0, kPwl = 1, kMad = 2 };
+
+template <typename T, bool Vec, bool Signed, bool WriteMask>
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_kernel(const T* __restrict__ x, T* __restrict__ y,
+                         const float* __restrict__ scale, uint32_t* __restrict__ mask,
+                         int64_t numel, int64_t n_groups, int64_t inner, float L, float lo,
+                         float hi) {
+  quantize_chunks<T, Vec, Signed, WriteMask>(x, y, scale, mask, numel, n_groups, inner, L, lo, hi);
+}
+
+template <bool Signed, int M>
+__device__ __forceinline__ float grad_of(float g, float v, float s) {
+  if constexpr (M == kSte) {
+    return g;
+  } else if constexpr (M == kPwl) {
+    return inside<Signed>(v, s) ? g : 0.0f;
+  } else {
+    if (inside<Signed>(v, s)) return g;
+    if (!Signed && v < 0.0f) return 0.0f;
+    return __fmul_rn(g, __fdiv_rn(s, Signed ? fabsf(v) : v));  // g * s / |x|
+  }
+}
+
+template <typename T, bool Vec, bool Signed, int M>
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                                  T* __restrict__ gx, const float* __restrict__ scale,
+                                  int64_t numel, int64_t n_groups, int64_t inner) {
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t ci = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ci < n_chunks;
+       ci += stride) {
+    const int64_t k0 = ci * kChunk;
+    GroupCursor cur(k0, n_groups, inner);
+    float s = M == kSte ? 0.0f : scale[cur.g];
+    auto one = [&](float g, float v) {
+      if (cur.next() && M != kSte) s = scale[cur.g];
+      return static_cast<T>(grad_of<Signed, M>(g, v, s));
+    };
+    if (Vec && k0 + kChunk <= numel) {
+      Chunk<T> g = load_chunk(grad + k0);
+      Chunk<T> v;
+      if (M != kSte) v = load_chunk(x + k0);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        g.v[j] = one(static_cast<float>(g.v[j]), M == kSte ? 0.0f : static_cast<float>(v.v[j]));
+      }
+      store_chunk(gx + k0, g);
+    } else {
+      for (int j = 0; j < kChunk && k0 + j < numel; ++j) {
+        gx[k0 + j] = one(static_cast<float>(grad[k0 + j]),
+                         M == kSte ? 0.0f : static_cast<float>(x[k0 + j]));
+      }
+    }
+  }
+}
+
+// grad_x = grad where the mask bit is set, else 0 (PWL from the packed mask alone).
+template <typename T, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    masked_backward_kernel(const T* __restrict__ grad, const uint32_t* __restrict__ mask,
+                           T* __restrict__ gx, int64_t numel) {
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t ci = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ci < n_chunks;
+       ci += stride) {
+    const int64_t k0 = ci * kChunk;
+    const uint32_t bits = mask[ci / 4] >> (8 * (ci % 4));
+    if (Vec && k0 + kChunk <= numel) {
+      Chunk<T> g = load_chunk(grad + k0);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        if (!((bits >> j) & 1u)) g.v[j] = static_cast<T>(0.0f);
+      }
+      store_chunk(gx + k0, g);
+    } else {
+      for (int j = 0; j < kChunk && k0 + j < numel; ++j) {
+        gx[k0 + j] = (bits >> j) & 1u ? grad[k0 + j] : static_cast<T>(0.0f);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::Tensor& scale,
+                                                 int64_t outer, int64_t n_groups, int64_t inner,
+                                                 int64_t L, int64_t lo, int64_t hi,
+                                                 bool is_signed, bool with_mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t numel = x.numel();
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  auto mask = at::empty({with_mask ? (n_chunks + 3) / 4 : 0}, x.options().dtype(at::kInt));
+  if (numel == 0) return {y, mask};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fake_quantize", [&] {
+    const bool vec = aligned16(x.data_ptr()) && aligned16(y.data_ptr());
+    dispatch_bool(vec, [&](auto v) {
+      dispatch_bool(is_signed, [&](auto sg) {
+        dispatch_bool(with_mask, [&](auto wm) {
+          fake_quantize_kernel<scalar_t, decltype(v)::value, decltype(sg)::value,
+                               decltype(wm)::value>
+              <<<blocks_for(n_chunks, kThreads), kThreads, 0, stream>>>(
+                  x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<float>(),
+                  with_mask ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()) : nullptr,
+                  numel, n_groups, inner, static_cast<float>(L), static_cast<float>(lo),
+                  static_cast<float>(hi));
+        });
+      });
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mask};
+}
+
+at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                                  int64_t inner, bool is_signed, int64_t mode) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t numel = x.numel();
+  if (numel == 0) return gx;
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fq_backward", [&] {
+    const bool vec = aligned16(grad.data_ptr()) && aligned16(x.data_ptr()) &&
+                     aligned16(gx.data_ptr());
+    dispatch_bool(vec, [&](auto v) {
+      dispatch_bool(is_signed, [&](auto sg) {
+        constexpr bool V = decltype(v)::value, S = decltype(sg)::value;
+        auto launch = [&](auto kernel) {
+          kernel<<<blocks_for(n_chunks, kThreads), kThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+              scale.data_ptr<float>(), numel, n_groups, inner);
+        };
+        if (mode == kSte) {
+          launch(fake_quantize_backward_kernel<scalar_t, V, S, kSte>);
+        } else if (mode == kPwl) {
+          launch(fake_quantize_backward_kernel<scalar_t, V, S, kPwl>);
+        } else {
+          launch(fake_quantize_backward_kernel<scalar_t, V, S, kMad>);
+        }
+      });
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gx;
+}
+
+at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  const int64_t numel = grad.numel();
+  if (numel == 0) return gx;
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  OCTAV_DISPATCH_FLOATING(grad.scalar_type(), "masked_bwd", [&] {
+    const bool vec = aligned16(grad.data_ptr()) && aligned16(gx.data_ptr());
+    dispatch_bool(vec, [&](auto v) {
+      masked_backward_kernel<scalar_t, decltype(v)::value>
+          <<<blocks_for(n_chunks, kThreads), kThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(),
+              reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>()),
+              gx.data_ptr<scalar_t>(), numel);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gx;
+}
+
+}  // namespace octav::cuda

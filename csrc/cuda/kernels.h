@@ -1,0 +1,45 @@
+// CUDA kernels of octav_kernels (built when a CUDA toolkit and a CUDA build of torch are found).
+// Same contract as cpu/kernels.h: contiguous tensors already validated by octav_kernels/ops.py,
+// seen as [outer, n_groups, inner] with group c = x[:, c, :]; float32, float16 or bfloat16.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace octav::cuda {
+
+// (S_out float32, n_in int64, n_out int64) per group at the given float32 scale [n_groups].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
+                                                           const at::Tensor& scale,
+                                                           int64_t outer, int64_t n_groups,
+                                                           int64_t inner, bool is_signed);
+
+// OCTAV fixed point per group; init is an empty tensor (cold start) or float32 [n_groups].
+at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
+                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
+                       int64_t max_iters, double rtol);
+
+// (y, scale, mask): the OCTAV scale (default max_iters and rtol) and the quantized tensor,
+// fused; with_mask adds the packed PWL mask (see fake_quantize), else mask is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize(
+    const at::Tensor& x, const at::Tensor& init, int64_t outer, int64_t n_groups, int64_t inner,
+    bool is_signed, double octav_const, int64_t L, int64_t lo, int64_t hi, bool with_mask);
+
+// (y, mask): q = clamp(round(x / step), lo, hi) * step with step = s / L (q = 0 where s == 0);
+// with_mask adds the bit-packed PWL mask (int32 words, bit k % 32 of word k / 32 set where
+// PWL passes element k's gradient), else mask is empty.
+std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::Tensor& scale,
+                                                 int64_t outer, int64_t n_groups, int64_t inner,
+                                                 int64_t L, int64_t lo, int64_t hi,
+                                                 bool is_signed, bool with_mask);
+
+// grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3). grad has x's dtype.
+at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                                  int64_t inner, bool is_signed, int64_t mode);
+
+// grad_x = grad where the PWL mask bit is set, else 0.
+at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask);
+
+}  // namespace octav::cuda

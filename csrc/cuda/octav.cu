@@ -1,0 +1,373 @@
+// OCTAV statistics and fixed point on CUDA (SPEC §2), alone or fused with the fake-quant.
+//
+// Groups (channels, blocks) are solved on-chip: a warp (groups of <= kWarpGroupMax elements, 8
+// per block) or a block (up to the shared-memory budget) loads its group into shared memory
+// once, iterates the recursion there with register/shuffle reductions until it stops, then
+// writes the scale and, fused, the quantized group: one read and one write of the tensor.
+// Larger groups among several are iterated by one block each over global memory (L2 helps).
+//
+// A whole tensor (one group too large for one SM) is solved by one cooperative launch: every
+// block reduces its grid-stride share of a pass, writes a (double, int64, int64, float) partial,
+// the grid synchronizes, and every block adds all partials in the same fixed order, so every
+// block holds the bit-identical next scale and takes the same stop decision. Partials are
+// double-buffered by iteration parity, so one grid barrier per pass suffices. Fused, the same
+// launch then writes the quantized tensor. No host synchronization anywhere; results do not
+// depend on timing (no floating-point atomics).
+//
+// masked_sums is one pass: blocks reduce slices of a group into partials, a second kernel adds
+// them per group in order.
+#include "kernels.h"
+#include "common.cuh"
+
+#include <cooperative_groups.h>
+
+#include <limits>
+
+namespace octav::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kBlock = 512;            // threads of a block-per-group or whole-tensor block
+constexpr int kWarpsPerBlock = 8;      // groups per block in the warp-per-group kernel
+constexpr int64_t kWarpGroupMax = 1024;
+constexpr int64_t kSmemBudget = 160 * 1024;  // bytes of shared memory for one group
+
+// Group c of the contiguous [outer, n_groups, inner] view; element j is x[j / inner, c, j % inner].
+struct Geometry {
+  int64_t outer, n_groups, inner;
+
+  __host__ __device__ int64_t len() const { return outer * inner; }
+  __device__ __forceinline__ int64_t offset(int64_t c, int64_t j) const {
+    if (outer == 1) return c * inner + j;
+    const int64_t o = j / inner;
+    return (o * n_groups + c) * inner + (j - o * inner);
+  }
+};
+
+struct Solver {
+  const float* init;  // nullptr: cold start
+  double octav_const, rtol;
+  int max_iters;
+};
+
+struct Quantizer {  // fused fake-quant output (y == nullptr: scale only)
+  float L, lo, hi;
+};
+
+// Reduction over the threads of one group: a warp (TPG == 32) or the whole block.
+template <int TPG>
+__device__ __forceinline__ Totals group_sum(const Totals& t, Totals* scratch) {
+  if constexpr (TPG == kWarp) {
+    return warp_sum(t);
+  } else {
+    return block_sum(t, scratch);
+  }
+}
+
+template <int TPG>
+__device__ __forceinline__ void group_sync() {
+  if constexpr (TPG == kWarp) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+// TPG == 32: a warp per group, blockDim / 32 groups per block; TPG == kBlock: the whole block
+// (any multiple of 32 threads up to kBlock) per group. OnChip groups are first copied to shared
+// memory (a slot per group); otherwise every pass reads global memory.
+template <typename T, bool Signed, int TPG, bool OnChip>
+__global__ void __launch_bounds__(kBlock)
+    octav_groups_kernel(const T* __restrict__ x, float* __restrict__ scale_out,
+                        T* __restrict__ y, Geometry geo, Solver solver, Quantizer qz) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ Totals scratch[kWarp];
+  const int tpg = TPG == kWarp ? kWarp : blockDim.x;  // threads per group
+  const int64_t groups_per_block = blockDim.x / tpg;
+  const int slot = threadIdx.x / tpg, t = threadIdx.x % tpg;
+  const int64_t c = blockIdx.x * groups_per_block + slot;
+  if (c >= geo.n_groups) return;  // a whole warp (TPG == 32) or, with one group per block, all
+  const int64_t len = geo.len();
+  T* buf = reinterpret_cast<T*>(smem) + (OnChip ? slot * len : 0);
+  if constexpr (OnChip) {
+#pragma unroll 4
+    for (int64_t j = t; j < len; j += tpg) buf[j] = x[geo.offset(c, j)];
+    group_sync<TPG>();
+  }
+  auto value = [&](int64_t j) -> float {
+    return static_cast<float>(OnChip ? buf[j] : x[geo.offset(c, j)]);
+  };
+  auto pass = [&](float s) {
+    Totals total;
+    Stats part;
+    int n = 0;
+#pragma unroll 4
+    for (int64_t j = t; j < len; j += tpg) {
+      part.add<Signed>(value(j), s);
+      if (++n == 256) {  // keep float partials short
+        total.add(part);
+        part = Stats{};
+        n = 0;
+      }
+    }
+    total.add(part);
+    return group_sum<TPG>(total, scratch);
+  };
+
+  float s = solver.init != nullptr ? solver.init[c] : 0.0f;
+  if (!(s > 0.0f)) s = next_scale(pass(0.0f), solver.octav_const);  // cold: mean of nonzero a
+  float prev = std::numeric_limits<float>::quiet_NaN();
+  for (int it = 0; it < solver.max_iters; ++it) {
+    if (finished(next_scale(pass(s), solver.octav_const), s, prev, solver.rtol)) break;
+  }
+  if (t == 0) scale_out[c] = s;
+  if (y != nullptr) {
+    const float step = __fdiv_rn(s, qz.L);
+    for (int64_t j = t; j < len; j += tpg) {
+      y[geo.offset(c, j)] = static_cast<T>(quantize(value(j), s, step, qz.lo, qz.hi));
+    }
+  }
+}
+
+// Whole-tensor solver (cooperative launch). partials: 2 * gridDim.x Totals. Fused, it also
+// writes y and, with WriteMask, the packed PWL mask.
+template <typename T, bool Signed, bool Vec, bool WriteMask>
+__global__ void __launch_bounds__(kBlock)
+    octav_tensor_kernel(const T* __restrict__ x, int64_t numel, float* __restrict__ scale_out,
+                        T* __restrict__ y, uint32_t* __restrict__ mask,
+                        Totals* __restrict__ partials, Solver solver, Quantizer qz) {
+  __shared__ Totals scratch[kWarp];
+  __shared__ float s_shared;
+  cg::grid_group grid = cg::this_grid();
+  const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int parity = 0;
+
+  auto pass = [&](float s) {
+    Totals mine;
+    for (int64_t ci = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+         ci < n_chunks; ci += stride) {
+      const int64_t k0 = ci * kChunk;
+      Stats part;
+      if (Vec && k0 + kChunk <= numel) {
+        const Chunk<T> v = load_chunk(x + k0);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) part.add<Signed>(static_cast<float>(v.v[j]), s);
+      } else {
+        for (int64_t k = k0; k < numel && k < k0 + kChunk; ++k) {
+          part.add<Signed>(static_cast<float>(x[k]), s);
+        }
+      }
+      mine.add(part);
+    }
+    const Totals block = block_sum(mine, scratch);
+    Totals* buf = partials + parity * gridDim.x;
+    if (threadIdx.x == 0) buf[blockIdx.x] = block;
+    parity ^= 1;
+    grid.sync();
+    Totals all;  // every block adds the partials in the same order: identical totals
+    for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) all.add(buf[b]);
+    return block_sum(all, scratch);
+  };
+
+  float s = solver.init != nullptr ? solver.init[0] : 0.0f;
+  if (!(s > 0.0f)) s = next_scale(pass(0.0f), solver.octav_const);
+  float prev = std::numeric_limits<float>::quiet_NaN();
+  for (int it = 0; it < solver.max_iters; ++it) {
+    if (finished(next_scale(pass(s), solver.octav_const), s, prev, solver.rtol)) break;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) scale_out[0] = s;
+  if (y != nullptr) {
+    if (threadIdx.x == 0) s_shared = s;
+    __syncthreads();
+    quantize_chunks<T, Vec, Signed, WriteMask>(x, y, &s_shared, mask, numel, 1, numel, qz.L,
+                                               qz.lo, qz.hi);
+  }
+}
+
+// masked_sums: block (split, c) reduces elements [split * per, (split + 1) * per) of group c.
+template <typename T, bool Signed>
+__global__ void __launch_bounds__(kBlock)
+    masked_sums_partial_kernel(const T* __restrict__ x, const float* __restrict__ scale,
+                               Totals* __restrict__ partials, Geometry geo, int64_t per) {
+  __shared__ Totals scratch[kWarp];
+  const int64_t c = blockIdx.y, split = blockIdx.x;
+  const float s = scale[c];
+  const int64_t end = std::min(geo.len(), (split + 1) * per);
+  Totals mine;
+  Stats part;
+  int n = 0;
+  for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
+    part.add<Signed>(static_cast<float>(x[geo.offset(c, j)]), s);
+    if (++n == 256) {
+      mine.add(part);
+      part = Stats{};
+      n = 0;
+    }
+  }
+  mine.add(part);
+  const Totals block = block_sum(mine, scratch);
+  if (threadIdx.x == 0) partials[c * gridDim.x + split] = block;
+}
+
+__global__ void masked_sums_finish_kernel(const Totals* __restrict__ partials, int64_t splits,
+                                          int64_t n_groups, float* __restrict__ s_out,
+                                          int64_t* __restrict__ n_in,
+                                          int64_t* __restrict__ n_out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n_groups) return;
+  Totals t;
+  for (int64_t k = 0; k < splits; ++k) t.add(partials[c * splits + k]);
+  s_out[c] = static_cast<float>(t.s_out);
+  n_in[c] = t.n_in;
+  n_out[c] = t.n_out;
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+// Whether solve() takes the whole-tensor cooperative path.
+bool whole_tensor(const Geometry& geo, int64_t elem_size) {
+  return geo.n_groups == 1 && geo.len() > kWarpGroupMax && geo.len() * elem_size > kSmemBudget;
+}
+
+// Solves every group; writes y too when it is defined, and the packed PWL mask when that is
+// (whole-tensor path only).
+void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::Tensor& y,
+           at::Tensor& mask, const Geometry& geo, bool is_signed, const Solver& solver_in,
+           const Quantizer& qz) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  Solver solver = solver_in;
+  solver.init = init.numel() > 0 ? init.data_ptr<float>() : nullptr;
+  const int64_t len = geo.len();
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "octav_scale", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
+    float* sp = scale.data_ptr<float>();
+    const int64_t group_bytes = len * static_cast<int64_t>(sizeof(scalar_t));
+    dispatch_bool(is_signed, [&](auto sg) {
+      constexpr bool S = decltype(sg)::value;
+      if (len <= kWarpGroupMax) {
+        const int64_t smem = kWarpsPerBlock * group_bytes;
+        auto kernel = octav_groups_kernel<scalar_t, S, kWarp, true>;
+        allow_smem(kernel, smem);
+        const int64_t blocks = (geo.n_groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
+        kernel<<<blocks, kWarpsPerBlock * kWarp, smem, stream>>>(xp, sp, yp, geo, solver, qz);
+      } else if (group_bytes <= kSmemBudget) {
+        // About 32 elements per thread (fewer threads: cheaper reductions, more groups per SM).
+        int threads = 128;
+        while (threads < kBlock && threads * 32 < len) threads *= 2;
+        auto kernel = octav_groups_kernel<scalar_t, S, kBlock, true>;
+        allow_smem(kernel, group_bytes);
+        kernel<<<geo.n_groups, threads, group_bytes, stream>>>(xp, sp, yp, geo, solver, qz);
+      } else if (!whole_tensor(geo, sizeof(scalar_t))) {
+        octav_groups_kernel<scalar_t, S, kBlock, false>
+            <<<geo.n_groups, kBlock, 0, stream>>>(xp, sp, yp, geo, solver, qz);
+      } else {
+        const bool vec = aligned16(xp) && (yp == nullptr || aligned16(yp));
+        uint32_t* mp = mask.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>())
+                                      : nullptr;
+        dispatch_bool(vec, [&](auto v) {
+         dispatch_bool(mp != nullptr, [&](auto m) {
+          auto kernel = octav_tensor_kernel<scalar_t, S, decltype(v)::value, decltype(m)::value>;
+          int per_sm = 0;
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+          const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+          const int64_t n_chunks = (len + kChunk - 1) / kChunk;
+          const int blocks = static_cast<int>(std::max<int64_t>(
+              1, std::min<int64_t>(static_cast<int64_t>(per_sm) * sms,
+                                   (n_chunks + kBlock * 4 - 1) / (kBlock * 4))));
+          auto partials = at::empty({2 * blocks * static_cast<int64_t>(sizeof(Totals))},
+                                    x.options().dtype(at::kByte));
+          Totals* pp = reinterpret_cast<Totals*>(partials.data_ptr<uint8_t>());
+          int64_t numel = len;
+          void* args[] = {(void*)&xp, (void*)&numel, (void*)&sp, (void*)&yp, (void*)&mp,
+                          (void*)&pp, (void*)&solver, (void*)&qz};
+          C10_CUDA_CHECK(cudaLaunchCooperativeKernel((void*)kernel, blocks, kBlock, args, 0,
+                                                     stream));
+         });
+        });
+      }
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
+                                                           const at::Tensor& scale,
+                                                           int64_t outer, int64_t n_groups,
+                                                           int64_t inner, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto s_out = at::empty({n_groups}, x.options().dtype(at::kFloat));
+  auto n_in = at::empty({n_groups}, x.options().dtype(at::kLong));
+  auto n_out = at::empty({n_groups}, x.options().dtype(at::kLong));
+  const Geometry geo{outer, n_groups, inner};
+  const int64_t len = geo.len();
+  // Enough slices to fill the GPU, none shorter than 4 elements per thread.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>((len + kBlock * 4 - 1) / (kBlock * 4),
+                           (4 * sms + n_groups - 1) / n_groups));
+  const int64_t per = (len + splits - 1) / splits;
+  auto partials = at::empty({n_groups * splits * static_cast<int64_t>(sizeof(Totals))},
+                            x.options().dtype(at::kByte));
+  Totals* pp = reinterpret_cast<Totals*>(partials.data_ptr<uint8_t>());
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "masked_sums", [&] {
+    dispatch_bool(is_signed, [&](auto sg) {
+      masked_sums_partial_kernel<scalar_t, decltype(sg)::value>
+          <<<dim3(splits, n_groups), kBlock, 0, stream>>>(
+              x.data_ptr<scalar_t>(), scale.data_ptr<float>(), pp, geo, per);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  masked_sums_finish_kernel<<<(n_groups + 255) / 256, 256, 0, stream>>>(
+      pp, splits, n_groups, s_out.data_ptr<float>(), n_in.data_ptr<int64_t>(),
+      n_out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {s_out, n_in, n_out};
+}
+
+at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
+                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
+                       int64_t max_iters, double rtol) {
+  auto scale = at::empty({n_groups}, x.options().dtype(at::kFloat));
+  at::Tensor y, mask;
+  solve(x, init, scale, y, mask, {outer, n_groups, inner}, is_signed,
+        {nullptr, octav_const, rtol, static_cast<int>(max_iters)}, {1.0f, 0.0f, 0.0f});
+  return scale;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize(
+    const at::Tensor& x, const at::Tensor& init, int64_t outer, int64_t n_groups, int64_t inner,
+    bool is_signed, double octav_const, int64_t L, int64_t lo, int64_t hi, bool with_mask) {
+  const Geometry geo{outer, n_groups, inner};
+  auto scale = at::empty({n_groups}, x.options().dtype(at::kFloat));
+  const Solver solver{nullptr, octav_const, 1e-6, 32};
+  const Quantizer qz{static_cast<float>(L), static_cast<float>(lo), static_cast<float>(hi)};
+  if (with_mask && !whole_tensor(geo, x.element_size())) {
+    // Groups are written from shared memory in group order; the mask is written in flat order
+    // by the elementwise kernel: solve, then quantize (one more read of x).
+    at::Tensor no_y, no_mask;
+    solve(x, init, scale, no_y, no_mask, geo, is_signed, solver, qz);
+    auto [y, mask] = fake_quantize(x, scale, outer, n_groups, inner, L, lo, hi, is_signed, true);
+    return {y, scale, mask};
+  }
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto mask = with_mask ? at::empty({(x.numel() + 31) / 32}, x.options().dtype(at::kInt))
+                        : at::empty({0}, x.options().dtype(at::kInt));
+  at::Tensor mask_arg = with_mask ? mask : at::Tensor();
+  solve(x, init, scale, y, mask_arg, geo, is_signed, solver, qz);
+  return {y, scale, mask};
+}
+
+}  // namespace octav::cuda

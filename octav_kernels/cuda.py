@@ -1,0 +1,110 @@
+"""CUDA backend: the hand-written kernels of ``octav_kernels._C`` (csrc/cuda/), same signatures
+as ``octav_kernels.reference``, plus a fused ``octav_fake_quantize`` (scale and quantized tensor
+in one launch: one read and one write of a tensor whose groups fit on-chip)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._args import GRADS, groups, levels, octav_constant
+from .backend import compiled
+
+# Per channel along a trailing dim has contiguous runs shorter than this: such tensors are
+# reduced from one transposed copy (groups become contiguous rows) instead.
+_MIN_RUN = 16
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the cuda backend takes float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _flat(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1).float().contiguous()
+
+
+def _transposed(g) -> bool:
+    return g.dim is not None and g.inner < _MIN_RUN and g.n_groups > 1
+
+
+def _grouped(x, dim, group_size):
+    """``(x, outer, n_groups, inner, groups)`` with x contiguous in the kernels' layout."""
+    _check_dtype(x)
+    g = groups(x, dim, group_size)
+    if _transposed(g):
+        return x.movedim(g.dim, 0).contiguous(), 1, g.n_groups, g.outer * g.inner, g
+    return x.contiguous(), g.outer, g.n_groups, g.inner, g
+
+
+def _init(init) -> torch.Tensor:
+    return torch.empty(0) if init is None else _flat(init)
+
+
+def masked_sums(x, scale, signed=True, dim=None, group_size=None):
+    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    s_out, n_in, n_out = compiled().masked_sums_cuda(x, _flat(scale), outer, n_groups, inner,
+                                                     signed)
+    return s_out.reshape(g.scale_shape), n_in.reshape(g.scale_shape), n_out.reshape(g.scale_shape)
+
+
+def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
+                rtol=1e-6, narrow=False):
+    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    scale = compiled().octav_scale_cuda(x, _init(init).to(x.device), outer, n_groups, inner,
+                                        signed, octav_constant(bits, signed, narrow), max_iters,
+                                        rtol)
+    return scale.reshape(g.scale_shape)
+
+
+def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, init=None,
+                               narrow=False, with_mask=True):
+    """``(y, scale, mask)``: scale and quantized tensor in one launch, plus the packed PWL mask
+    (``reference.pwl_mask``'s layout; empty unless ``with_mask``)."""
+    if _transposed(groups(x, dim, group_size)):
+        # The solver reads a transposed copy: quantize the original layout with its scale.
+        scale = octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
+        y, mask = _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, with_mask)
+        return y, scale, mask
+    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    y, scale, mask = compiled().octav_fake_quantize_cuda(
+        x, _init(init).to(x.device), outer, n_groups, inner, signed,
+        octav_constant(bits, signed, narrow), *levels(bits, signed, narrow), with_mask)
+    return y, scale.reshape(g.scale_shape), mask
+
+
+def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
+                        narrow=False):
+    y, scale, _ = octav_fake_quantize_packed(x, bits, signed, dim, group_size, init, narrow,
+                                             with_mask=False)
+    return y, scale
+
+
+def _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, with_mask):
+    _check_dtype(x)
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_cuda(x.contiguous(), _flat(scale), g.outer, g.n_groups,
+                                         g.inner, *levels(bits, signed, narrow), signed,
+                                         with_mask)
+
+
+def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                  narrow=False):
+    return _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, False)[0]
+
+
+def fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """``(y, mask)``: fake_quantize plus the packed PWL mask, from the same read of x."""
+    return _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, True)
+
+
+def pwl_backward_packed(grad_out, mask):
+    return compiled().masked_backward_cuda(grad_out, mask)
+
+
+def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
+                           grad="mad"):
+    _check_dtype(x)
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_backward_cuda(
+        grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
+        g.inner, signed, GRADS.index(grad))

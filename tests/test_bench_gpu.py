@@ -1,0 +1,29 @@
+"""bench/bench_gpu.py runs end to end: on the CPU (C++ kernels), in its --quick mode."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = ["octav_fake_quantize[cpu]", "octav_fake_quantize warm[cpu]",
+             "fake_quantize fixed[cpu]", "MAD backward[cpu]", "PWL backward[cpu]",
+             "octav_fake_quantize fwd+bwd MAD[cpu]", "torch fake_quant",
+             "naive torch OCTAV (10 it) + torch fq", "copy (D2D)"]
+
+
+def test_bench_gpu_quick_on_cpu(tmp_path):
+    out = tmp_path / "t.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--quick",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for name in PROVIDERS:  # measured in both cases: a time, never "n/a"
+        mine = [row for row in rows if f"| {name} |" in row]
+        assert len(mine) == 2 and not any("n/a" in row for row in mine), (name, mine)
+    assert "| torch.compile(naive loop) | skipped (--quick) |" in text
+    assert "### Targets (issue 9)" in text
+    assert sum(row.startswith("| cpu |") for row in rows) == 6  # one row per target
