@@ -107,6 +107,30 @@ def groups(x: torch.Tensor, dim: int | None, group_size: int | None) -> Groups:
     return Groups(1, 1, numel, (), None, None)
 
 
+# The compiled kernels reduce a group along its contiguous runs; runs shorter than this (per
+# channel along a trailing dim has runs of 1) make them crawl, so such tensors are reduced from
+# one transposed copy whose rows are the groups.
+_MIN_RUN = 16
+
+
+def transposed_for_kernels(g: Groups) -> bool:
+    """Whether ``kernel_layout`` hands the kernels a transposed copy."""
+    return g.dim is not None and g.inner < _MIN_RUN and g.n_groups > 1
+
+
+def kernel_layout(x: torch.Tensor, g: Groups) -> tuple[torch.Tensor, int, int, int]:
+    """``(x, outer, n_groups, inner)``: ``x`` contiguous in the compiled kernels'
+    ``[outer, n_groups, inner]`` layout, for the reductions (masked sums, OCTAV)."""
+    if transposed_for_kernels(g):
+        return x.movedim(g.dim, 0).contiguous(), 1, g.n_groups, g.outer * g.inner
+    return x.contiguous(), g.outer, g.n_groups, g.inner
+
+
+def flat_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A scale (or init) as the kernels take it: contiguous float32 ``[n_groups]``."""
+    return scale.reshape(-1).float().contiguous()
+
+
 def check_scale(scale: object, x: torch.Tensor, g: Groups, name: str = "scale") -> torch.Tensor:
     """``scale`` must be a floating tensor of ``g.scale_shape`` on ``x``'s device; returns it as
     a contiguous float32 tensor (a copy only where needed)."""

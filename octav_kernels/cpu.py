@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ._args import GRADS, groups, levels, octav_constant
+from ._args import GRADS, groups, kernel_layout, levels, octav_constant
+from ._args import flat_scale as _flat
 from .backend import compiled
-
-# Shorter contiguous runs than this make the reduction kernels crawl (per channel along a
-# trailing dim has runs of 1): such tensors are reduced from one transposed copy instead.
-_MIN_RUN = 16
-
-
-def _flat(scale: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(-1).float().contiguous()
-
-
-def _grouped(x, dim, group_size):
-    """``(x, outer, n_groups, inner, groups)`` with x contiguous in the kernels' layout."""
-    g = groups(x, dim, group_size)
-    if g.dim is not None and g.inner < _MIN_RUN and g.n_groups > 1:
-        return x.movedim(g.dim, 0).contiguous(), 1, g.n_groups, g.outer * g.inner, g
-    return x.contiguous(), g.outer, g.n_groups, g.inner, g
 
 
 def masked_sums(x, scale, signed=True, dim=None, group_size=None):
-    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    g = groups(x, dim, group_size)
+    x, outer, n_groups, inner = kernel_layout(x, g)
     s_out, n_in, n_out = compiled().masked_sums_cpu(x, _flat(scale), outer, n_groups, inner,
                                                     signed)
     return s_out.reshape(g.scale_shape), n_in.reshape(g.scale_shape), n_out.reshape(g.scale_shape)
@@ -34,7 +20,8 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
 
 def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
                 rtol=1e-6, narrow=False):
-    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    g = groups(x, dim, group_size)
+    x, outer, n_groups, inner = kernel_layout(x, g)
     init_flat = torch.empty(0) if init is None else _flat(init)
     scale = compiled().octav_scale_cpu(x, init_flat, outer, n_groups, inner, signed,
                                        octav_constant(bits, signed, narrow), max_iters, rtol)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ._args import GRADS, groups, levels, octav_constant
+from ._args import GRADS, groups, kernel_layout, levels, octav_constant, transposed_for_kernels
+from ._args import flat_scale as _flat
 from .backend import compiled
-
-# Per channel along a trailing dim has contiguous runs shorter than this: such tensors are
-# reduced from one transposed copy (groups become contiguous rows) instead.
-_MIN_RUN = 16
 
 
 def _check_dtype(x: torch.Tensor) -> None:
@@ -19,21 +16,11 @@ def _check_dtype(x: torch.Tensor) -> None:
         raise TypeError(f"the cuda backend takes float32, float16 or bfloat16, got {x.dtype}")
 
 
-def _flat(scale: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(-1).float().contiguous()
-
-
-def _transposed(g) -> bool:
-    return g.dim is not None and g.inner < _MIN_RUN and g.n_groups > 1
-
-
 def _grouped(x, dim, group_size):
-    """``(x, outer, n_groups, inner, groups)`` with x contiguous in the kernels' layout."""
+    """``(x, outer, n_groups, inner, groups)`` with x in the kernels' layout."""
     _check_dtype(x)
     g = groups(x, dim, group_size)
-    if _transposed(g):
-        return x.movedim(g.dim, 0).contiguous(), 1, g.n_groups, g.outer * g.inner, g
-    return x.contiguous(), g.outer, g.n_groups, g.inner, g
+    return (*kernel_layout(x, g), g)
 
 
 def _init(init) -> torch.Tensor:
@@ -60,7 +47,7 @@ def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, 
                                narrow=False, with_mask=True):
     """``(y, scale, mask)``: scale and quantized tensor in one launch, plus the packed PWL mask
     (``reference.pwl_mask``'s layout; empty unless ``with_mask``)."""
-    if _transposed(groups(x, dim, group_size)):
+    if transposed_for_kernels(groups(x, dim, group_size)):
         # The solver reads a transposed copy: quantize the original layout with its scale.
         scale = octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
         y, mask = _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, with_mask)

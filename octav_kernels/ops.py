@@ -224,12 +224,15 @@ _octav_fake_quantize.register_autograd(_octav_fake_quantize_grad,
 # activation then keeps numel / 8 bytes for its backward instead of itself.
 
 
-def _packed_backend(x: torch.Tensor, grad: str):
-    """The backend module if this call should take the packed-mask PWL path, else None."""
+def _takes_packed_path(x: torch.Tensor, grad: str) -> bool:
+    """Whether this call should take the packed-mask PWL path. Under torch.compile the backend
+    module is not looked up (dynamo does not trace imports): CUDA tensors with the CUDA kernels
+    built take it (a forced other backend then composes the mask, still correctly)."""
     if grad != "pwl" or not (x.requires_grad and torch.is_grad_enabled()):
-        return None
-    kernels = backend.select(x.device)
-    return kernels if hasattr(kernels, "fake_quantize_packed") else None
+        return False
+    if torch.compiler.is_compiling():
+        return x.device.type == "cuda" and backend.cuda_kernels_built()
+    return hasattr(backend.select(x.device), "fake_quantize_packed")
 
 
 def _empty_mask(x):
@@ -383,7 +386,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bo
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale),))
     _args.check_grad(grad)
-    if _packed_backend(x, grad) is not None:
+    if _takes_packed_path(x, grad):
         return torch.ops.octav._fake_quantize_packed(x, scale, bits, signed, dim, group_size,
                                                      narrow)[0]
     return torch.ops.octav.fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
@@ -401,7 +404,7 @@ def octav_fake_quantize(x: torch.Tensor, bits: int, *, signed: bool = True,
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("init", init),))
     _args.check_grad(grad)
-    if _packed_backend(x, grad) is not None:
+    if _takes_packed_path(x, grad):
         y, scale, _ = torch.ops.octav._octav_fake_quantize_packed(x, bits, signed, dim,
                                                                   group_size, init, narrow)
         return y, scale
