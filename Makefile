@@ -14,7 +14,7 @@ CUDA_VENV := .venv-cuda
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(patsubst %/bin/nvcc,%,$(shell command -v nvcc)))
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: run test bench demo cuda-build
+.PHONY: run test bench demo cuda-build asan
 
 run: $(VENV)/.built
 	$(PY) -m octav_kernels
@@ -40,6 +40,17 @@ cuda-build: $(CUDA_VENV)/.deps
 	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
 	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda'); print('CUDA extension built and loads')"
 
+# The C++ kernels under AddressSanitizer: a copy of the tracked sources built with
+# -fsanitize=address, then the CPU parity tests with libasan preloaded (~10 min; not in CI).
+ASAN_TESTS ?= tests/test_octav.py tests/test_fake_quant.py tests/test_robustness.py
+asan: $(VENV)/.deps
+	rm -rf build/asan && mkdir -p build/asan
+	git ls-files -z | xargs -0 cp --parents -t build/asan
+	cd build/asan && OCTAV_SANITIZE=address $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd build/asan && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 OCTAV_REQUIRE_BACKENDS=cpu \
+	  $(abspath $(PY)) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider -k "cpu and not triton"
+
 $(CUDA_VENV)/.deps:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -49,7 +60,8 @@ $(CUDA_VENV)/.deps:
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark scikit-learn
+	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis \
+	  scikit-learn
 	touch $@
 
 # No build isolation: the extension must compile against the torch installed above.

@@ -8,6 +8,9 @@ compiled against the torch it runs with):
 OCTAV_SKIP_EXT=1 installs the pure-Python package only; every op then runs on the reference
 implementation (octav_kernels warns once at import).
 
+OCTAV_SANITIZE=address builds the C++ kernels with AddressSanitizer (``make asan`` runs the CPU
+parity tests against such a build).
+
 The CUDA kernels (csrc/cuda/) are compiled in when torch is a CUDA build and a CUDA toolkit is
 found (CUDA_HOME, or nvcc on PATH); OCTAV_FORCE_CUDA=1 makes a missing toolkit an error instead of
 a CPU-only build. Architectures: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). A GPU is not needed to
@@ -50,9 +53,14 @@ def extensions():
     # No -ffast-math / --use_fast_math: the kernels rely on IEEE division, round-half-even and
     # NaN tests.
     cxx = ["-O3", "-march=x86-64-v2", "-fopenmp"]
+    link = ["-fopenmp"]
+    sanitizer = os.environ.get("OCTAV_SANITIZE")
+    if sanitizer:
+        cxx += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link += [f"-fsanitize={sanitizer}"]
     if not with_cuda():
         ext = CppExtension("octav_kernels._C", ["csrc/ops.cpp"] + sources("cpu", "*.cpp"),
-                           extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+                           extra_compile_args=cxx, extra_link_args=link)
         return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -70,7 +78,7 @@ def extensions():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + ["-DOCTAV_WITH_CUDA"],
                             "nvcc": ["-O3", "-DOCTAV_WITH_CUDA"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

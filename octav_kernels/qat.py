@@ -31,7 +31,8 @@ def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | No
                    mode: str = "dynamic", weight_mode: str | None = None,
                    calibrator: str | Calibrator = "octav", every: int = 1, narrow: bool = False,
                    quantize_input: bool = True, skip: Iterable[str | type] = (),
-                   inplace: bool = False, strict: bool = False) -> nn.Module:
+                   inplace: bool = False, strict: bool = False, process_group=None
+                   ) -> nn.Module:
     """Replace every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` by its quantized
     version (``QuantLinear`` / ``QuantConv1d`` / ``QuantConv2d``), keeping its Parameters
     (shared, so an existing optimizer keeps working), device and dtype.
@@ -47,6 +48,10 @@ def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | No
         skip: module names (a name also skips everything under it) or module types to leave
             in float.
         inplace: convert ``model`` itself instead of a deep copy.
+        process_group: for data-parallel (DDP) training, the group (or ``"world"``) over which
+            the activation scales are computed, so every rank quantizes with the same scale
+            from the whole global batch (see ``Quantizer``; weights, replicated by DDP, need
+            no collective).
         strict: raise ``ValueError`` instead of warning when a module with parameters has no
             quantized version (e.g. ``nn.Embedding``, ``nn.LSTM``, ``nn.MultiheadAttention``,
             ``nn.Conv3d``, subclasses of the supported layers). Normalization layers stay in
@@ -69,7 +74,7 @@ def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | No
     config = dict(act_bits=act_bits, grad=grad, weight_granularity=weight_granularity,
                   act_signed=act_signed, mode=mode, weight_mode=weight_mode,
                   calibrator=calibrator, every=every, narrow=narrow,
-                  quantize_input=quantize_input)
+                  quantize_input=quantize_input, process_group=process_group)
 
     convertible, unsupported = [], []
     skipped_prefixes: list[str] = []

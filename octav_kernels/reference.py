@@ -83,21 +83,29 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     """
     a = _magnitudes(_as_rows(x, dim, group_size), signed)
     c = octav_constant(bits, signed, narrow)
-    a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
-    if a.shape[1] > 0:
-        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
+    a_max = _positive_max(a)
 
     def step(s):
         s_out, n_in, n_out = _row_sums(a, s)
         nxt = torch.where(n_out == 0, a_max, s_out / (c * n_in.double() + n_out.double()))
         return nxt.float().double()
 
-    cold = step(torch.zeros(a.shape[0], dtype=torch.float64, device=a.device))
-    if init is None:
-        s = cold
-    else:
-        init = init.float().double().reshape(-1)
-        s = torch.where(init > 0, init, cold)
+    s, iterations = fixed_point(step, a.shape[0], init, max_iters, rtol, a.device)
+    shape = _scale_shape(x, dim, group_size)
+    if return_iterations:
+        return s.float().reshape(shape), iterations.reshape(shape)
+    return s.float().reshape(shape)
+
+
+def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
+    """The SPEC §2 iteration of ``step`` (float64 ``[n_groups]`` -> next iterate, rounded to
+    float32) with its start and stopping rules; returns ``(s float64, iterations int64)``.
+    The cold start (one step from s = 0) is taken only for groups without an ``init`` > 0.
+    Shared with ``octav_kernels.distributed``, whose ``step`` all-reduces the sums."""
+    s = None if init is None else init.float().double().reshape(-1)
+    if s is None or not bool((s > 0).all()):
+        cold = step(torch.zeros(n_groups, dtype=torch.float64, device=device))
+        s = cold if s is None else torch.where(s > 0, s, cold)
     prev = torch.full_like(s, float("nan"))
     done = torch.zeros_like(s, dtype=torch.bool)
     iterations = torch.zeros(s.shape, dtype=torch.int64, device=s.device)
@@ -112,10 +120,20 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
         done = done | converged | cycle
         if bool(done.all()):
             break
-    shape = _scale_shape(x, dim, group_size)
-    if return_iterations:
-        return s.float().reshape(shape), iterations.reshape(shape)
-    return s.float().reshape(shape)
+    return s, iterations
+
+
+def _positive_max(a: torch.Tensor) -> torch.Tensor:
+    """The largest positive entry of each row of ``a`` (0 for a row without one), float64."""
+    a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    if a.shape[1] > 0:
+        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)
+    return a_max
+
+
+def positive_max(x, signed=True, dim=None):
+    """The largest magnitude (SPEC §2's ``max a``) per group, float64 ``[n_groups]``."""
+    return _positive_max(_magnitudes(_as_rows(x, dim, None), signed))
 
 
 def _scale_shape(x, dim, group_size):

@@ -112,6 +112,19 @@ R reduce_chunks(int64_t len, const F& fn) {
   return total;
 }
 
+// The sum of the magnitudes a block counts (counted(a)), in double. The vectorized passes add a
+// block in float; magnitudes near float32's max (possible in float32 and bfloat16) overflow
+// that sum, so a block whose float sum is inf while its entries are finite is added again here.
+template <typename T, bool Signed, typename F>
+double sum_in_double(const T* p, int64_t b, int64_t e, const F& counted) {
+  double sum = 0.0;
+  for (int64_t k = b; k < e; ++k) {
+    const auto a = magnitude<Signed>(static_cast<at::opmath_type<T>>(p[k]));
+    if (counted(a)) sum += static_cast<double>(a);
+  }
+  return sum;
+}
+
 // One plain pass at threshold s.
 template <typename T, bool Signed>
 Sums group_sums(const GroupView<T>& g, float s) {
@@ -134,7 +147,11 @@ Sums group_sums(const GroupView<T>& g, float s) {
           n_in += (a > C(0)) & (a <= sc);
           a_max = std::max(a_max, a);
         }
-        r.add({static_cast<double>(s_out), n_in, n_out, static_cast<double>(a_max)});
+        double sum = s_out;
+        if (std::isinf(s_out) && std::isfinite(a_max)) {
+          sum = sum_in_double<T, Signed>(p, b, e, [&](C a) { return a > sc; });
+        }
+        r.add({sum, n_in, n_out, static_cast<double>(a_max)});
       }
     });
     return r;
@@ -303,7 +320,9 @@ Bracket<at::opmath_type<T>> bracket_pass(const GroupView<T>& g, float lo, float 
           n_inside += (a >= clo) & (a < chi);
           a_max = std::max(a_max, a);
         }
-        r.s_above += static_cast<double>(s_above);
+        r.s_above += std::isinf(s_above) && std::isfinite(a_max)
+                         ? sum_in_double<T, Signed>(p, b, e, [&](C a) { return a >= chi; })
+                         : static_cast<double>(s_above);
         r.n_above += n_above;
         r.n_below += n_below;
         r.a_max = std::max(r.a_max, static_cast<double>(a_max));

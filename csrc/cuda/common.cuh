@@ -167,9 +167,14 @@ __device__ __forceinline__ void quantize_chunks(const T* __restrict__ x, T* __re
 }
 
 // Per-thread statistics of one pass at threshold s over a few hundred elements at most (float
-// sum, int counts); flushed into Totals for longer runs and for every reduction.
+// sum, int counts); flushed into Totals for longer runs and for every reduction. Magnitudes
+// above kBig (near float32's max, possible in float32 and bfloat16) go to a double sum, so the
+// float one cannot overflow (256 * kBig << FLT_MAX); the branch is uniform on ordinary data.
+constexpr float kBig = 1e30f;
+
 struct Stats {
   float s_out = 0.0f;
+  double s_big = 0.0;
   int n_in = 0;
   int n_out = 0;
   float a_max = 0.0f;
@@ -178,7 +183,11 @@ struct Stats {
   __device__ __forceinline__ void add(float v, float s) {
     const float a = magnitude<Signed>(v);
     const bool out = (a > s) | (a != a);
-    s_out += out ? a : 0.0f;
+    if (a > kBig) {
+      s_big += out ? a : 0.0;
+    } else {
+      s_out += out ? a : 0.0f;
+    }
     n_out += out;
     n_in += (a > 0.0f) & (a <= s);
     a_max = fmaxf(a_max, a);
@@ -193,7 +202,7 @@ struct Totals {
   float a_max = 0.0f;
 
   __device__ __forceinline__ void add(const Stats& t) {
-    s_out += t.s_out;
+    s_out += static_cast<double>(t.s_out) + t.s_big;
     n_in += t.n_in;
     n_out += t.n_out;
     a_max = fmaxf(a_max, t.a_max);

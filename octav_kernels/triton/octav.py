@@ -3,7 +3,7 @@
 One program per group. ``_group_pass`` reads the group once and returns
 ``(S_out, n_in, n_out, max a)`` together; ``_octav_scale_kernel`` repeats it until the group
 converges, keeping the iterate on-chip, so an op is one launch and never syncs with the host.
-Sums accumulate in float32 per block, counts in int64. Element ``j`` of group ``c`` is
+Sums accumulate in float64, counts in int64. Element ``j`` of group ``c`` is
 ``x[j // inner, c, j % inner]`` of the contiguous ``[outer, n_groups, inner]`` view.
 """
 
@@ -28,7 +28,7 @@ def _magnitude(v, SIGNED: tl.constexpr):
 @triton.jit
 def _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED: tl.constexpr,
                 BLOCK: tl.constexpr):
-    s_out = tl.zeros((), tl.float32)
+    s_out = tl.zeros((), tl.float64)  # float64: magnitudes near float32's max must not overflow
     n_in = tl.zeros((), tl.int64)
     n_out = tl.zeros((), tl.int64)
     a_max = tl.zeros((), tl.float32)
@@ -40,7 +40,7 @@ def _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED: tl.constexpr,
         a = _magnitude(tl.load(ptr, mask=valid, other=0.0).to(tl.float32), SIGNED)
         out = valid & ((a > s) | (a != a))
         inside = valid & (a > 0) & (a <= s)
-        s_out += tl.sum(tl.where(out, a, 0.0), axis=0)
+        s_out += tl.sum(tl.where(out, a, 0.0).to(tl.float64), axis=0)
         n_out += tl.sum(out.to(tl.int64), axis=0)
         n_in += tl.sum(inside.to(tl.int64), axis=0)
         a_max = tl.maximum(a_max, tl.max(tl.where(valid & (a > 0), a, 0.0), axis=0))
@@ -52,9 +52,9 @@ def _next_scale(x_ptr, c, n_groups, inner, group_len, s, octav_const, SIGNED: tl
                 BLOCK: tl.constexpr):
     # s_next = S_out / (c n_in + n_out), or max a when nothing lies above s.
     s_out, n_in, n_out, a_max = _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED, BLOCK)
-    den = octav_const * n_in.to(tl.float32) + n_out.to(tl.float32)
+    den = octav_const * n_in.to(tl.float64) + n_out.to(tl.float64)
     den = tl.where(n_out == 0, 1.0, den)
-    return tl.where(n_out == 0, a_max, tl.math.div_rn(s_out, den))
+    return tl.where(n_out == 0, a_max, (s_out / den).to(tl.float32))
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _masked_sums_kernel(x_ptr, scale_ptr, s_out_ptr, n_in_ptr, n_out_ptr, n_grou
     c = tl.program_id(0)
     s = tl.load(scale_ptr + c)
     s_out, n_in, n_out, _ = _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED, BLOCK)
-    tl.store(s_out_ptr + c, s_out)
+    tl.store(s_out_ptr + c, s_out.to(tl.float32))
     tl.store(n_in_ptr + c, n_in)
     tl.store(n_out_ptr + c, n_out)
 

@@ -1,0 +1,108 @@
+"""OCTAV over data split across ranks (torch.distributed): the scale single-process OCTAV gives on
+the concatenated data, bit-identical on every rank.
+
+Each rank holds a slice of the data along a dimension other than the grouping one (a
+data-parallel batch of activations; rows or columns of a weight for a per-tensor scale, or the
+non-channel dim for a per-channel one), so every rank has the same groups. An iteration of
+SPEC §2 computes ``masked_sums`` locally with the fast kernels and does ONE all-reduce of the
+packed ``(S_out, n_in, n_out)`` of all groups (float64: sums added in double, counts exact below
+2**53 elements per group); every rank then applies the same update to the same totals, so all
+hold the same bits. Collectives per call: one per iteration, plus one for a cold start (the mean
+of the nonzero magnitudes), plus a max-reduce only if some iterate has nothing above it (the
+SPEC rule ``s_next = max a``). A warm start near the answer needs a single all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _args, ops, reference
+
+__all__ = ["octav_scale", "max_scale", "all_reduce_mean", "all_reduce_max"]
+
+
+def _check_group(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("octav_kernels.distributed needs torch.distributed initialized "
+                           "(torch.distributed.init_process_group)")
+    return group if group is not None else dist.group.WORLD
+
+
+def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
+                group_size: int | None = None, init: torch.Tensor | None = None,
+                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False, group=None,
+                return_all_reduces: bool = False):
+    """``octav_kernels.octav_scale`` of the data of all ranks of ``group`` (default: the world),
+    float32, identical on every rank. ``return_all_reduces=True`` also returns the number of
+    collectives the call made (the same on every rank)."""
+    group = _check_group(group)
+    if group_size is not None:
+        raise ValueError("group_size: blocks along the last dim are rows of the local data, "
+                         "not groups shared across ranks; use octav_kernels.octav_scale per "
+                         "rank for per-block scales")
+    _args.check_x(x)
+    _args.check_bits(bits)
+    _args.check_narrow(narrow, signed)
+    _args.check_iteration(max_iters, rtol)
+    g = _args.groups(x, dim, None)
+    if init is not None:
+        init = _args.check_scale(init, x, g, "init")
+    c = _args.octav_constant(bits, signed, narrow)
+    calls = 0
+    a_max = None
+
+    def global_max(s_like):
+        nonlocal calls, a_max
+        if a_max is None:
+            local = reference.positive_max(x, signed, g.dim)
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+            calls += 1
+            a_max = local.reshape(-1)
+        return a_max.to(s_like.dtype)
+
+    def step(s):
+        nonlocal calls
+        s_out, n_in, n_out = ops.masked_sums(x, s.float().reshape(g.scale_shape), signed=signed,
+                                             dim=g.dim)
+        packed = torch.stack([s_out.double().reshape(-1), n_in.double().reshape(-1),
+                              n_out.double().reshape(-1)])
+        dist.all_reduce(packed, group=group)
+        calls += 1
+        s_out, n_in, n_out = packed
+        nxt = s_out / (c * n_in + n_out)
+        if bool((n_out == 0).any()):  # the same decision on every rank: the totals are shared
+            nxt = torch.where(n_out == 0, global_max(nxt), nxt)
+        return nxt.float().double()
+
+    s = reference.fixed_point(step, g.n_groups, init, max_iters, rtol, x.device)[0]
+    s = s.float().reshape(g.scale_shape)
+    return (s, calls) if return_all_reduces else s
+
+
+def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, group=None
+              ) -> torch.Tensor:
+    """The max baseline (SPEC §7) over all ranks: the largest magnitude per group, float32."""
+    group = _check_group(group)
+    _args.check_x(x)
+    g = _args.groups(x, dim, None)
+    local = reference.positive_max(x, signed, g.dim)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    return local.float().reshape(g.scale_shape)
+
+
+def all_reduce_mean(scale: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean of ``scale`` over the ranks (static calibration: per-batch scales averaged over
+    batches on each rank, then over ranks), float32, identical everywhere."""
+    group = _check_group(group)
+    total = scale.double().clone()
+    dist.all_reduce(total, group=group)
+    return (total / dist.get_world_size(group)).float()
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise maximum of ``t`` over the ranks (a copy; ``t`` is not modified)."""
+    group = _check_group(group)
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
