@@ -41,7 +41,7 @@ cuda-build: $(CUDA_VENV)/.deps
 	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda'); print('CUDA extension built and loads')"
 
 # The C++ kernels under AddressSanitizer: a copy of the tracked sources built with
-# -fsanitize=address, then the CPU parity tests with libasan preloaded (~10 min; not in CI).
+# -fsanitize=address, then the CPU parity tests with libasan preloaded (~2 min; not in CI).
 ASAN_TESTS ?= tests/test_octav.py tests/test_fake_quant.py tests/test_robustness.py
 asan: $(VENV)/.deps
 	rm -rf build/asan && mkdir -p build/asan

@@ -5,10 +5,11 @@ Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_qu
 ``mse_sweep_scale``, and the ``Calibrator`` classes over all of them. QAT: the modules in
 ``octav_kernels.nn`` (``Quantizer``, ``QuantAct``, ``QuantLinear``, ``QuantConv1d``,
 ``QuantConv2d``) and the model helpers ``quantize_model``, ``dequantize_model``,
-``calibrate_model``, ``reestimate_batchnorm``. Backend control: ``use_backend`` /
-``OCTAV_BACKEND``.
+``calibrate_model``, ``reestimate_batchnorm``. Data split across ranks:
+``octav_kernels.distributed``. Backend control: ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
+from . import distributed
 from .backend import use_backend
 from .calibrate import (
     Calibrator,
@@ -47,6 +48,7 @@ __all__ = [
     "calibrate_model",
     "calibration",
     "dequantize_model",
+    "distributed",
     "fake_quantize",
     "make_calibrator",
     "masked_sums",

@@ -36,7 +36,6 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     """``octav_kernels.octav_scale`` of the data of all ranks of ``group`` (default: the world),
     float32, identical on every rank. ``return_all_reduces=True`` also returns the number of
     collectives the call made (the same on every rank)."""
-    group = _check_group(group)
     if group_size is not None:
         raise ValueError("group_size: blocks along the last dim are rows of the local data, "
                          "not groups shared across ranks; use octav_kernels.octav_scale per "
@@ -48,6 +47,7 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     g = _args.groups(x, dim, None)
     if init is not None:
         init = _args.check_scale(init, x, g, "init")
+    group = _check_group(group)
     c = _args.octav_constant(bits, signed, narrow)
     calls = 0
     a_max = None
@@ -83,9 +83,9 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
 def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, group=None
               ) -> torch.Tensor:
     """The max baseline (SPEC §7) over all ranks: the largest magnitude per group, float32."""
-    group = _check_group(group)
     _args.check_x(x)
     g = _args.groups(x, dim, None)
+    group = _check_group(group)
     local = reference.positive_max(x, signed, g.dim)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
     return local.float().reshape(g.scale_shape)

@@ -112,9 +112,21 @@ def test_quantizer_with_process_group(ranks):
     assert_scale_close(ranks[0]["calibrated"], want.float(), torch.float32)
 
 
-def test_needs_an_initialized_process_group():
+def test_bad_arguments_and_no_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed.octav_scale(torch.ones(4), 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed.max_scale(torch.ones(4))
+    with pytest.raises(ValueError, match="bits must be in 2..16"):
+        distributed.octav_scale(torch.ones(4), 17)
+    with pytest.raises(TypeError, match="x must be float32"):
+        distributed.octav_scale(torch.ones(4, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="dim=1 is out of range"):
+        distributed.octav_scale(torch.ones(4), 4, dim=1)
+    with pytest.raises(ValueError, match=r"init must have shape \[\]"):
+        distributed.octav_scale(torch.ones(4), 4, init=torch.ones(2))
+    with pytest.raises(ValueError, match="group_size"):
+        distributed.octav_scale(torch.ones(4), 4, group_size=2)
     with pytest.raises(ValueError, match="group_size"):
         ok.Quantizer(4, group_size=2, process_group="world")
     with pytest.raises(ValueError, match="process_group works with"):
