@@ -7,9 +7,16 @@ non-channel dim for a per-channel one), so every rank has the same groups. An it
 SPEC §2 computes ``masked_sums`` locally with the fast kernels and does ONE all-reduce of the
 packed ``(S_out, n_in, n_out)`` of all groups (float64: sums added in double, counts exact below
 2**53 elements per group); every rank then applies the same update to the same totals, so all
-hold the same bits. Collectives per call: one per iteration, plus one for a cold start (the mean
-of the nonzero magnitudes), plus a max-reduce only if some iterate has nothing above it (the
-SPEC rule ``s_next = max a``). A warm start near the answer needs a single all-reduce.
+hold the same bits.
+
+Collectives per call: one per iteration, plus one for the start, plus a max-reduce only if some
+iterate has nothing above it (the SPEC rule ``s_next = max a``); a warm start near the answer
+needs a single all-reduce. A cold per-tensor start is one all-reduced histogram of the
+magnitudes (2**15 bins of their float32 bit patterns, counts and exact sums): it gives the mean
+of the nonzero magnitudes exactly and, for large data (>= 32768 elements over all ranks), the
+recursion solved on it; the iteration then starts a few bins below that estimate and climbs to
+the fixed point the plain iteration reaches (as the C++ backend's bracketed solver does on one
+process): 4 collectives instead of 9 on the tests' 60K-element tensor.
 """
 
 from __future__ import annotations
@@ -75,9 +82,67 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
             nxt = torch.where(n_out == 0, global_max(nxt), nxt)
         return nxt.float().double()
 
+    if init is None and g.n_groups == 1 and max_iters >= 16 and rtol <= 1e-6:
+        start = _histogram_start(x, signed, c, group)
+        calls += 1
+        if start is not None:
+            init = start
     s = reference.fixed_point(step, g.n_groups, init, max_iters, rtol, x.device)[0]
     s = s.float().reshape(g.scale_shape)
     return (s, calls) if return_all_reduces else s
+
+
+_KEY_SHIFT = 16  # float32 bits >> 16: 8 exponent and 7 mantissa bits, bins < 0.8% wide
+_BINS = 1 << 15
+_FIRST_NONFINITE = 0x7F800000 >> _KEY_SHIFT
+_HISTOGRAM_MIN = 1 << 15
+_BRACKET_BINS = 3
+
+
+def _histogram_start(x, signed, c, group):
+    """A start for a cold per-tensor scale from one all-reduced histogram of the magnitudes:
+    just below the fixed point for large data, the mean of the nonzero magnitudes (the plain
+    cold start) for small data; None (plain cold start) if there is none or NaN/inf."""
+    a = reference.magnitudes(x.reshape(-1), signed).float().clamp_min(0.0)
+    keys = (a.view(torch.int32) >> _KEY_SHIFT).long()
+    hist = torch.stack([torch.bincount(keys, minlength=_BINS).double(),
+                        torch.bincount(keys, weights=a.double(), minlength=_BINS)]).cpu()
+    dist.all_reduce(hist, group=group)
+    counts, sums = hist[0, 1:_FIRST_NONFINITE], hist[1, 1:_FIRST_NONFINITE]  # bin 0: zeros
+    total_n, total_s = float(counts.sum()), float(sums.sum())
+    if total_n == 0 or float(hist[0, _FIRST_NONFINITE:].sum()) > 0:
+        return None
+    s = total_s / total_n  # the mean of the nonzero magnitudes
+    if total_n >= _HISTOGRAM_MIN:
+        s = _solve_on_histogram(counts, sums, s, c)
+        key = int(torch.tensor(s, dtype=torch.float32).view(torch.int32)) >> _KEY_SHIFT
+        bits = torch.tensor(max(key - _BRACKET_BINS, 1) << _KEY_SHIFT, dtype=torch.int32)
+        s = float(bits.view(torch.float32))  # the lower edge of a bin a little below
+    return torch.tensor(s, dtype=torch.float32, device=x.device)
+
+
+def _solve_on_histogram(counts, sums, s, c):
+    """The recursion on histogram bins 1.. (exact counts and sums per bin; only the bin that
+    holds s is split, as if its values were spread uniformly), from s."""
+    first = torch.arange(1, _FIRST_NONFINITE, dtype=torch.int32)
+    lower = (first << _KEY_SHIFT).view(torch.float32).double()
+    upper = ((first + 1) << _KEY_SHIFT).view(torch.float32).double()
+    n_above = counts.flip(0).cumsum(0).flip(0) - counts  # in bins strictly above
+    s_above = sums.flip(0).cumsum(0).flip(0) - sums
+    n_below = counts.cumsum(0) - counts
+    for _ in range(100):
+        k = min(int(torch.searchsorted(upper, torch.tensor(s, dtype=torch.float64),
+                                       right=True)), upper.numel() - 1)
+        lo_k, hi_k, n_k = float(lower[k]), float(upper[k]), float(counts[k])
+        frac = min(max((hi_k - s) / (hi_k - lo_k), 0.0), 1.0)  # the part of bin k above s
+        n_out = float(n_above[k]) + n_k * frac
+        n_in = float(n_below[k]) + n_k * (1 - frac)
+        s_out = float(s_above[k]) + n_k * frac * 0.5 * (max(s, lo_k) + hi_k)
+        nxt = s_out / (c * n_in + n_out) if n_out > 0.5 else hi_k
+        if abs(nxt - s) <= 1e-9 * s:
+            return nxt
+        s = nxt
+    return s
 
 
 def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, group=None

@@ -36,7 +36,7 @@ def _broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int | None, group_size
     return scale.expand(x.shape)
 
 
-def _magnitudes(x: torch.Tensor, signed: bool) -> torch.Tensor:
+def magnitudes(x: torch.Tensor, signed: bool) -> torch.Tensor:
     """The quantity OCTAV thresholds, in float64: |x| (signed) or x (unsigned; entries <= 0 are
     ignored by the masks). Unsigned -inf is mapped to +inf so that every non-finite entry
     reaches the scale (SPEC §6)."""
@@ -61,7 +61,7 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
     """One pass of the OCTAV statistics per group at the given scale (SPEC §2):
     ``S_out = sum(a * 1{a > s})``, ``n_in = #{0 < a <= s}``, ``n_out = #{a > s}`` with
     ``a = |x|`` (signed) or ``x`` (unsigned)."""
-    a = _magnitudes(_as_rows(x, dim, group_size), signed)
+    a = magnitudes(_as_rows(x, dim, group_size), signed)
     s_out, n_in, n_out = _row_sums(a, scale.double().reshape(-1))
     shape = scale.shape
     return s_out.float().reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
@@ -81,7 +81,7 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     number of steps each group took after its start (int64, the scale's shape): the passes
     over the data a warm start saves.
     """
-    a = _magnitudes(_as_rows(x, dim, group_size), signed)
+    a = magnitudes(_as_rows(x, dim, group_size), signed)
     c = octav_constant(bits, signed, narrow)
     a_max = _positive_max(a)
 
@@ -133,7 +133,7 @@ def _positive_max(a: torch.Tensor) -> torch.Tensor:
 
 def positive_max(x, signed=True, dim=None):
     """The largest magnitude (SPEC §2's ``max a``) per group, float64 ``[n_groups]``."""
-    return _positive_max(_magnitudes(_as_rows(x, dim, None), signed))
+    return _positive_max(magnitudes(_as_rows(x, dim, None), signed))
 
 
 def _scale_shape(x, dim, group_size):
