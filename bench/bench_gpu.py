@@ -393,11 +393,15 @@ def plot(rows: list[Row], path: str) -> None:
         print(f"no per-tensor case was measured: no plot written to {path}", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, len(dtypes), figsize=(8 * len(dtypes), 6), squeeze=False)
+    providers = list(dict.fromkeys(r.provider for r in measured))
+    colors = plt.get_cmap("tab20").colors  # one colour per provider; style by backend
     for ax, dtype_name in zip(axes[0], dtypes):
         mine = [r for r in measured if r.dtype == dtype_name]
         for name in dict.fromkeys(r.provider for r in mine):
             points = [(r.case.numel, r.gbps) for r in mine if r.provider == name]
-            ax.plot(*zip(*points), marker="o", label=name)
+            style = "-" if "[cuda]" in name else "--" if "[triton]" in name else ":"
+            ax.plot(*zip(*points), style, marker="o", label=name,
+                    color=colors[providers.index(name) % len(colors)])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("elements (per tensor)")
         ax.set_ylabel("GB/s (minimal traffic)")
