@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, assert_bitwise, make_data
+from conftest import GPU, KERNEL_BACKENDS, assert_bitwise, make_data
 
 import octav_kernels as ok
 from octav_kernels import backend, use_backend
@@ -51,7 +51,16 @@ def test_opcheck(name, case):
         torch.library.opcheck(op, args, kwargs)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+NO_GPU = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (none here)")
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.device("cpu")),
+    pytest.param("cuda", marks=[pytest.mark.device("cuda"), NO_GPU]),
+])
+def test_torch_compile_fullgraph_matches_eager(device):
+    """Eager and compiled agree bit for bit, with the backend that serves the device by
+    default (C++ on CPU; CUDA kernels, else Triton, on a GPU)."""
     def qat_step(w, a, scale_a):
         wq, sw = ok.octav_fake_quantize(w, 4, dim=0, grad="mad")
         aq = ok.fake_quantize(a, scale_a, 8, signed=False, grad="pwl")
