@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# What a GPU session should run, in two device calls of < 10 min each on an H100 (the build is
+# kept between calls while the machine stays warm):
+#   checks: build the CUDA kernels, the GPU parity suite (compiled Triton + CUDA against the
+#           reference), the >2^31-element test, compute-sanitizer memcheck and racecheck (~5 min);
+#   bench:  the GPU benchmark -> gpu_bench.md + gpu_bandwidth.png for bench/results/ (~5 min).
+# Logs and tables go to $OUT (default gpu-out). From the repository root on the GPU machine:
+#
+#     bash bench/gpu_session.sh checks
+#     bash bench/gpu_session.sh bench <commit>
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0 PYTHONPATH=$PWD
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+what=${1:?usage: gpu_session.sh checks|bench [commit]}
+commit=${2:-unknown}
+
+step() { echo "== $1"; }
+step "build"
+ls octav_kernels/_C*.so > /dev/null 2>&1 || python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+python3 -c "import octav_kernels as ok; assert ok.backend.cuda_kernels_built(), 'no CUDA kernels'" \
+  || exit 1
+
+if [ "$what" = checks ]; then
+step "GPU parity suite"
+OCTAV_REQUIRE_BACKENDS=triton-cuda,cuda-cuda timeout 300 python3 -m pytest tests -q -k cuda -n 8 \
+  -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+tail -3 "$OUT/gpu_tests.log"
+
+step "more than 2^31 elements"
+OCTAV_LARGE_TESTS=1 timeout 120 python3 -m pytest tests/test_robustness.py -q -k "2_31 and cuda" \
+  -p no:cacheprovider 2>&1 | tail -2
+
+step "compute-sanitizer memcheck / racecheck"
+timeout 150 compute-sanitizer --tool memcheck python3 -m pytest tests/test_cuda.py -q \
+  -p no:cacheprovider -k "float32 or not solver" > "$OUT/memcheck.log" 2>&1
+tail -3 "$OUT/memcheck.log"
+timeout 240 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
+  -p no:cacheprovider -k "solver_paths and signed-torch.float32" > "$OUT/racecheck.log" 2>&1
+tail -3 "$OUT/racecheck.log"
+
+fi
+
+if [ "$what" = bench ]; then
+step "benchmark"
+timeout 330 python3 bench/bench_gpu.py --repeats 10 --commit "$commit" --out "$OUT/gpu_bench.md" \
+  --plot "$OUT/gpu_bandwidth.png" > "$OUT/bench_stdout.log" 2> "$OUT/bench_stderr.log"
+tail -12 "$OUT/gpu_bench.md"
+fi
