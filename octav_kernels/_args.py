@@ -126,8 +126,11 @@ def kernel_layout(x: torch.Tensor, g: Groups) -> tuple[torch.Tensor, int, int, i
     return x.contiguous(), g.outer, g.n_groups, g.inner
 
 
-def flat_scale(scale: torch.Tensor) -> torch.Tensor:
-    """A scale (or init) as the kernels take it: contiguous float32 ``[n_groups]``."""
+def flat_scale(scale: torch.Tensor | None) -> torch.Tensor:
+    """A scale (or init) as the kernels take it: contiguous float32 ``[n_groups]``; no init
+    (None) is an empty tensor."""
+    if scale is None:
+        return torch.empty(0)
     return scale.reshape(-1).float().contiguous()
 
 

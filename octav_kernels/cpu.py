@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ._args import GRADS, groups, kernel_layout, levels, octav_constant
 from ._args import flat_scale as _flat
 from .backend import compiled
@@ -22,8 +20,7 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
                 rtol=1e-6, narrow=False):
     g = groups(x, dim, group_size)
     x, outer, n_groups, inner = kernel_layout(x, g)
-    init_flat = torch.empty(0) if init is None else _flat(init)
-    scale = compiled().octav_scale_cpu(x, init_flat, outer, n_groups, inner, signed,
+    scale = compiled().octav_scale_cpu(x, _flat(init), outer, n_groups, inner, signed,
                                        octav_constant(bits, signed, narrow), max_iters, rtol)
     return scale.reshape(g.scale_shape)
 

@@ -23,10 +23,6 @@ def _grouped(x, dim, group_size):
     return (*kernel_layout(x, g), g)
 
 
-def _init(init) -> torch.Tensor:
-    return torch.empty(0) if init is None else _flat(init)
-
-
 def masked_sums(x, scale, signed=True, dim=None, group_size=None):
     x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
     s_out, n_in, n_out = compiled().masked_sums_cuda(x, _flat(scale), outer, n_groups, inner,
@@ -37,7 +33,7 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
 def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
                 rtol=1e-6, narrow=False):
     x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
-    scale = compiled().octav_scale_cuda(x, _init(init).to(x.device), outer, n_groups, inner,
+    scale = compiled().octav_scale_cuda(x, _flat(init), outer, n_groups, inner,
                                         signed, octav_constant(bits, signed, narrow), max_iters,
                                         rtol)
     return scale.reshape(g.scale_shape)
@@ -54,7 +50,7 @@ def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, 
         return y, scale, mask
     x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
     y, scale, mask = compiled().octav_fake_quantize_cuda(
-        x, _init(init).to(x.device), outer, n_groups, inner, signed,
+        x, _flat(init), outer, n_groups, inner, signed,
         octav_constant(bits, signed, narrow), *levels(bits, signed, narrow), with_mask)
     return y, scale.reshape(g.scale_shape), mask
 

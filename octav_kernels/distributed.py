@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import _args, ops, reference
+from .calibrate import max_scale as local_max_scale
 
 __all__ = ["octav_scale", "max_scale", "all_reduce_mean", "all_reduce_max"]
 
@@ -59,14 +60,12 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     calls = 0
     a_max = None
 
-    def global_max(s_like):
+    def global_max():
         nonlocal calls, a_max
         if a_max is None:
-            local = reference.positive_max(x, signed, g.dim)
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+            a_max = max_scale(x, signed=signed, dim=g.dim, group=group).double().reshape(-1)
             calls += 1
-            a_max = local.reshape(-1)
-        return a_max.to(s_like.dtype)
+        return a_max
 
     def step(s):
         nonlocal calls
@@ -79,7 +78,7 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
         s_out, n_in, n_out = packed
         nxt = s_out / (c * n_in + n_out)
         if bool((n_out == 0).any()):  # the same decision on every rank: the totals are shared
-            nxt = torch.where(n_out == 0, global_max(nxt), nxt)
+            nxt = torch.where(n_out == 0, global_max(), nxt)
         return nxt.float().double()
 
     if init is None and g.n_groups == 1 and max_iters >= 16 and rtol <= 1e-6:
@@ -147,13 +146,11 @@ def _solve_on_histogram(counts, sums, s, c):
 
 def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, group=None
               ) -> torch.Tensor:
-    """The max baseline (SPEC §7) over all ranks: the largest magnitude per group, float32."""
-    _args.check_x(x)
-    g = _args.groups(x, dim, None)
-    group = _check_group(group)
-    local = reference.positive_max(x, signed, g.dim)
-    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-    return local.float().reshape(g.scale_shape)
+    """The max baseline (SPEC §7) over all ranks: ``octav_kernels.max_scale`` of the
+    concatenated data (the largest magnitude per group), float32. One max-reduce."""
+    local = local_max_scale(x, signed=signed, dim=dim)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=_check_group(group))
+    return local
 
 
 def all_reduce_mean(scale: torch.Tensor, group=None) -> torch.Tensor:

@@ -83,7 +83,9 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     """
     a = magnitudes(_as_rows(x, dim, group_size), signed)
     c = octav_constant(bits, signed, narrow)
-    a_max = _positive_max(a)
+    a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    if a.shape[1] > 0:
+        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
 
     def step(s):
         s_out, n_in, n_out = _row_sums(a, s)
@@ -121,19 +123,6 @@ def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
         if bool(done.all()):
             break
     return s, iterations
-
-
-def _positive_max(a: torch.Tensor) -> torch.Tensor:
-    """The largest positive entry of each row of ``a`` (0 for a row without one), float64."""
-    a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
-    if a.shape[1] > 0:
-        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)
-    return a_max
-
-
-def positive_max(x, signed=True, dim=None):
-    """The largest magnitude (SPEC §2's ``max a``) per group, float64 ``[n_groups]``."""
-    return _positive_max(magnitudes(_as_rows(x, dim, None), signed))
 
 
 def _scale_shape(x, dim, group_size):
