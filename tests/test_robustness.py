@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ALL_BACKENDS, KERNEL_BACKENDS, assert_bitwise, assert_scale_close, on_device
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import octav_kernels as ok
@@ -120,8 +120,10 @@ def model_mse(a: np.ndarray, s: float, bits: int) -> float:
 @PROPERTY_SETTINGS
 @given(x=data_1d, bits=bit_widths, k=st.integers(-8, 8))
 def test_scale_equivariance_under_powers_of_two(x, bits, k):
-    """octav(2^k x) == 2^k octav(x): multiplying by a power of two is exact in float."""
+    """octav(2^k x) == 2^k octav(x): multiplying by a power of two is exact in float, except
+    where it under- or overflows (subnormals lose bits, 1e-45 * 0.5 is 0): such x are skipped."""
     c = 2.0**k
+    assume(bool((((x * c) / c == x) | torch.isnan(x)).all()))
     with use_backend("cpu" if ok.backend.available("cpu", x.device) else "reference"):
         assert torch.equal(ok.octav_scale(x * c, bits), ok.octav_scale(x, bits) * c)
 
