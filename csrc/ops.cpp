@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("octav_scale_cpu", &octav::cpu::octav_scale);
   m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
   m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
+  m.def("refine_scale_cpu", &octav::cpu::refine_scale);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("masked_sums_cuda", &octav::cuda::masked_sums);
@@ -22,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize_cuda", &octav::cuda::fake_quantize);
   m.def("fake_quantize_backward_cuda", &octav::cuda::fake_quantize_backward);
   m.def("masked_backward_cuda", &octav::cuda::masked_backward);
+  m.def("candidate_sse_cuda", &octav::cuda::candidate_sse);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -1,11 +1,12 @@
 """octav_kernels: fused OCTAV optimal-clipping quantization for PyTorch QAT.
 
 Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_quantize``,
-``octav_fake_quantize``. Baselines for calibration: ``max_scale``, ``percentile_scale``,
-``mse_sweep_scale``, and the ``Calibrator`` classes over all of them. QAT: the modules in
-``octav_kernels.nn`` (``Quantizer``, ``QuantAct``, ``QuantLinear``, ``QuantConv1d``,
-``QuantConv2d``) and the model helpers ``quantize_model``, ``dequantize_model``,
-``calibrate_model``, ``reestimate_batchnorm``. Data split across ranks:
+``octav_fake_quantize``, ``refine_scale`` (OCTAV polished against the empirical MSE; also
+``refine=True`` on ``octav_scale`` / ``octav_fake_quantize``). Baselines for calibration:
+``max_scale``, ``percentile_scale``, ``mse_sweep_scale``, and the ``Calibrator`` classes over
+all of them. QAT: the modules in ``octav_kernels.nn`` (``Quantizer``, ``QuantAct``,
+``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``) and the model helpers ``quantize_model``,
+``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``. Data split across ranks:
 ``octav_kernels.distributed``. Backend control: ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
@@ -24,7 +25,7 @@ from .calibrate import (
     quantization_mse,
 )
 from .nn import QuantAct, QuantConv1d, QuantConv2d, Quantizer, QuantLinear
-from .ops import fake_quantize, masked_sums, octav_fake_quantize, octav_scale
+from .ops import fake_quantize, masked_sums, octav_fake_quantize, octav_scale, refine_scale
 from .qat import (
     calibrate_model,
     calibration,
@@ -61,6 +62,7 @@ __all__ = [
     "quantize_model",
     "quantizers",
     "reestimate_batchnorm",
+    "refine_scale",
     "use_backend",
 ]
 __version__ = "0.1.0"

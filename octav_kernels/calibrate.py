@@ -119,26 +119,31 @@ class Calibrator:
 
 
 class OctavCalibrator(Calibrator):
-    """The OCTAV fixed point (``octav_scale``), warm-started from ``init``."""
+    """The OCTAV fixed point (``octav_scale``), warm-started from ``init``; with
+    ``refine=True`` polished against the empirical MSE (``refine_scale``)."""
 
     name = "octav"
 
-    def __init__(self, max_iters: int = 32, rtol: float = 1e-6):
+    def __init__(self, max_iters: int = 32, rtol: float = 1e-6, refine: bool = False):
         _args.check_iteration(max_iters, rtol)
-        self.max_iters, self.rtol = max_iters, rtol
+        if not isinstance(refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
+        self.max_iters, self.rtol, self.refine = max_iters, rtol, refine
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
                  init=None):
         return octav_scale(x, bits, signed=signed, dim=dim, group_size=group_size, init=init,
-                           max_iters=self.max_iters, rtol=self.rtol, narrow=narrow)
+                           max_iters=self.max_iters, rtol=self.rtol, narrow=narrow,
+                           refine=self.refine)
 
     @property
     def is_default(self) -> bool:
         """True when the fused ``octav_fake_quantize`` (default iteration) computes this rule."""
-        return self.max_iters == 32 and self.rtol == 1e-6
+        return self.max_iters == 32 and self.rtol == 1e-6 and not self.refine
 
     def __repr__(self) -> str:
-        return f"OctavCalibrator(max_iters={self.max_iters}, rtol={self.rtol})"
+        return (f"OctavCalibrator(max_iters={self.max_iters}, rtol={self.rtol}, "
+                f"refine={self.refine})")
 
 
 class MaxCalibrator(Calibrator):
@@ -201,8 +206,9 @@ CALIBRATORS = {"octav": OctavCalibrator, "max": MaxCalibrator,
 
 
 def make_calibrator(spec: str | Calibrator) -> Calibrator:
-    """A ``Calibrator`` from an instance or a name: ``"octav"``, ``"max"``, ``"percentile"``
-    (99.99), ``"percentile:99.9"``, ``"mse"`` (100 points) or ``"mse:200"``."""
+    """A ``Calibrator`` from an instance or a name: ``"octav"``, ``"octav:refine"`` (polished
+    against the empirical MSE), ``"max"``, ``"percentile"`` (99.99), ``"percentile:99.9"``,
+    ``"mse"`` (100 points) or ``"mse:200"``."""
     if isinstance(spec, Calibrator):
         return spec
     if not isinstance(spec, str):
@@ -210,7 +216,8 @@ def make_calibrator(spec: str | Calibrator) -> Calibrator:
     name, _, arg = spec.partition(":")
     if name not in CALIBRATORS:
         raise ValueError(f"calibrator must be one of {sorted(CALIBRATORS)} "
-                         f"(optionally 'percentile:<p>' or 'mse:<points>'), got {spec!r}")
+                         "(optionally 'octav:refine', 'percentile:<p>' or 'mse:<points>'), "
+                         f"got {spec!r}")
     if not arg:
         return CALIBRATORS[name]()
     try:
@@ -218,6 +225,10 @@ def make_calibrator(spec: str | Calibrator) -> Calibrator:
             return PercentileCalibrator(float(arg))
         if name == "mse":
             return MSESweepCalibrator(int(arg))
+        if name == "octav" and arg == "refine":
+            return OctavCalibrator(refine=True)
     except ValueError as err:
         raise ValueError(f"calibrator {spec!r}: {err}") from None
+    if name == "octav":
+        raise ValueError(f"calibrator {spec!r}: the only option of 'octav' is 'octav:refine'")
     raise ValueError(f"calibrator {name!r} takes no argument, got {spec!r}")

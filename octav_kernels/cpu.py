@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._args import GRADS, groups, kernel_layout, levels, octav_constant
 from ._args import flat_scale as _flat
 from .backend import compiled
+from .reference import REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD
 
 
 def masked_sums(x, scale, signed=True, dim=None, group_size=None):
@@ -38,3 +39,13 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     return compiled().fake_quantize_backward_cpu(
         grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
         g.inner, signed, GRADS.index(grad))
+
+
+
+def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    g = groups(x, dim, group_size)
+    x, outer, n_groups, inner = kernel_layout(x, g)
+    refined = compiled().refine_scale_cpu(
+        x, _flat(scale), outer, n_groups, inner, *levels(bits, signed, narrow), signed,
+        REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD)
+    return refined.reshape(g.scale_shape)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import reference
 from ._args import GRADS, groups, kernel_layout, levels, octav_constant, transposed_for_kernels
 from ._args import flat_scale as _flat
 from .backend import compiled
@@ -91,3 +92,13 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     return compiled().fake_quantize_backward_cuda(
         grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
         g.inner, signed, GRADS.index(grad))
+
+
+def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+    x, outer, n_groups, inner, g = _grouped(x, dim, group_size)
+    return compiled().candidate_sse_cuda(x, cand.float().contiguous(), outer, n_groups, inner,
+                                         *levels(bits, signed, narrow))
+
+
+def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    return reference.refine_with(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)

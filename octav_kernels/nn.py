@@ -41,8 +41,9 @@ class Quantizer(nn.Module):
         dim, group_size: granularity of the scale, as in the ops (per tensor by default).
         grad: backward estimator, ``"mad"``, ``"pwl"`` or ``"ste"``.
         mode: ``"dynamic"`` or ``"static"`` (module docstring).
-        calibrator: the scale rule: ``"octav"`` (default), ``"max"``, ``"percentile[:p]"``,
-            ``"mse[:points]"`` or a ``Calibrator``.
+        calibrator: the scale rule: ``"octav"`` (default), ``"octav:refine"`` (polished against
+            the empirical MSE), ``"max"``, ``"percentile[:p]"``, ``"mse[:points]"`` or a
+            ``Calibrator``.
         every: in dynamic training, recompute the scale every ``every`` forwards.
         narrow: symmetric signed levels ``±(2**(B-1)-1)``.
         reduce: how static calibration combines per-batch scales, ``"mean"`` or ``"max"``.
@@ -94,6 +95,9 @@ class Quantizer(nn.Module):
             if not isinstance(self.calibrator, (OctavCalibrator, MaxCalibrator)):
                 raise ValueError("process_group works with the 'octav' and 'max' calibrators, "
                                  f"got {self.calibrator}")
+            if getattr(self.calibrator, "refine", False):
+                raise ValueError("process_group: the refined OCTAV scale is not computed "
+                                 "across ranks; use calibrator='octav'")
             if group_size is not None:
                 raise ValueError("process_group: per-block scales (group_size) are local to "
                                  "each rank's rows; use a per-tensor or per-channel scale")

@@ -85,6 +85,30 @@ def _(x, scale, signed=True, dim=None, group_size=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# octav::refine_scale (SPEC §8: OCTAV polished against the empirical MSE)
+
+
+@torch.library.custom_op(
+    "octav::refine_scale", mutates_args=(),
+    schema="(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
+           "int? group_size=None, bool narrow=False) -> Tensor")
+def _refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    scale = _args.check_scale(scale, x, g)
+    if x.numel() == 0:
+        return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
+    return backend.select(x.device).refine_scale(x, scale, bits, signed, g.dim, g.group_size,
+                                                 narrow)
+
+
+@_refine_scale.register_fake
+def _(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    _args.check_scale(scale, x, g)
+    return x.new_empty(g.scale_shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
 # octav::fake_quantize and its backward
 
 
@@ -338,7 +362,8 @@ def _check_types(x, bits=None, dim=None, group_size=None, flags=(), tensors=()) 
 
 def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                 group_size: int | None = None, init: torch.Tensor | None = None,
-                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False) -> torch.Tensor:
+                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False,
+                refine: bool = False) -> torch.Tensor:
     """MSE-optimal clipping scale of ``x`` by the OCTAV fixed point (SPEC §2), float32.
 
     Per group (whole tensor; ``dim=d``: one per index along d; ``group_size=G``: blocks of G
@@ -351,12 +376,38 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     it is > 0, else at the mean of the nonzero ``a``, until ``|s_next - s| <= rtol * s``, a
     2-cycle (the smaller scale is returned) or ``max_iters`` steps. NaN in a group gives a NaN
     scale; inf gives inf; an all-zero (or empty) group gives 0.
+
+    ``refine=True`` polishes that fixed point against the empirical MSE of the real quantizer
+    (``refine_scale``): a few more passes, a lower quantization error.
+    """
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
+                                            ("refine", refine)), (("init", init),))
+    _args.check_iteration(max_iters, rtol)
+    scale = torch.ops.octav.octav_scale(x, bits, signed, dim, group_size, init, max_iters,
+                                        float(rtol), narrow)
+    if refine:
+        scale = torch.ops.octav.refine_scale(x, scale, bits, signed, dim, group_size, narrow)
+    return scale
+
+
+def refine_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
+                 dim: int | None = None, group_size: int | None = None,
+                 narrow: bool = False) -> torch.Tensor:
+    """``scale`` (e.g. the OCTAV fixed point) polished against the empirical MSE
+    ``sum((fake_quantize(x, s) - x)**2)`` of the real quantizer (SPEC §1, §8), per group, float32.
+
+    OCTAV minimizes a model of the error (uniform noise, symmetric grid); the two's-complement
+    grid, short rows and low bit widths make the real optimum differ. The search
+    (``octav_kernels.reference.refine_search``) evaluates 8 candidate scales per pass over the
+    data: a coarse pass from ``scale / 1.25`` up to ``max|x|`` (it includes ``scale`` and
+    ``max|x|``, and spans both minima of heavy-outlier data: outliers clipped, or represented
+    with the small values rounded to zero), then 3 passes that narrow the bracket around the
+    best. It returns the lowest-error candidate seen, so never a higher error than ``scale`` or
+    than max scaling. NaN/inf in a group give a NaN/inf scale; an all-zero group gives 0.
     """
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
-                 (("init", init),))
-    _args.check_iteration(max_iters, rtol)
-    return torch.ops.octav.octav_scale(x, bits, signed, dim, group_size, init, max_iters,
-                                       float(rtol), narrow)
+                 (("scale", scale),))
+    return torch.ops.octav.refine_scale(x, scale, bits, signed, dim, group_size, narrow)
 
 
 def masked_sums(x: torch.Tensor, scale: torch.Tensor, *, signed: bool = True,
@@ -395,15 +446,22 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bo
 def octav_fake_quantize(x: torch.Tensor, bits: int, *, signed: bool = True,
                         dim: int | None = None, group_size: int | None = None,
                         grad: str = "mad", init: torch.Tensor | None = None,
-                        narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        narrow: bool = False, refine: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fake_quantize(x, s, bits, ...), s)`` with ``s = octav_scale(x, bits, ...)``.
 
     The usual QAT call: one op finds the OCTAV scale (warm-started from ``init``, e.g. the last
-    step's scale) and fake-quantizes with it; gradients flow to x by ``grad``.
+    step's scale) and fake-quantizes with it; gradients flow to x by ``grad``. ``refine=True``
+    uses ``octav_scale(..., refine=True)`` (the scale polished against the empirical MSE).
     """
-    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
-                 (("init", init),))
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
+                                            ("refine", refine)), (("init", init),))
     _args.check_grad(grad)
+    if refine:
+        scale = octav_scale(x.detach(), bits, signed=signed, dim=dim, group_size=group_size,
+                            init=init, narrow=narrow, refine=True)
+        return fake_quantize(x, scale, bits, signed=signed, dim=dim, group_size=group_size,
+                             grad=grad, narrow=narrow), scale
     if _takes_packed_path(x, grad):
         y, scale, _ = torch.ops.octav._octav_fake_quantize_packed(x, bits, signed, dim,
                                                                   group_size, init, narrow)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import levels, octav_constant
+from ._args import groups, levels, octav_constant, transposed_for_kernels
 
 
 def _as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
@@ -123,6 +123,112 @@ def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
         if bool(done.all()):
             break
     return s, iterations
+
+
+# Refinement against the empirical MSE (SPEC §8): a bracketing search over candidate scales.
+REFINE_CANDIDATES = 8  # candidate scales per pass (K squared-error sums per element read)
+REFINE_ROUNDS = 3  # narrowing passes after the coarse one
+REFINE_SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
+
+
+def max_magnitude(x, signed=True, dim=None, group_size=None):
+    """The largest positive magnitude per group, float32 (``magnitudes``' rules: |x| signed, x
+    unsigned with -inf as +inf; 0 when no entry is positive; NaN propagates)."""
+    a = _as_rows(x, dim, group_size).float()
+    a = a.abs() if signed else torch.where(torch.isinf(a), torch.inf, a)
+    if a.shape[1] == 0:
+        return torch.zeros(a.shape[0], dtype=torch.float32, device=x.device)
+    return a.clamp_min(0).amax(1)  # clamp_min and amax propagate NaN
+
+
+def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """Empirical squared error of the SPEC §1 quantizer per group and candidate scale:
+    ``sse[g, k] = sum_i (q(x_i; cand[g, k]) - x_i)**2`` over group g, float64 ``[n_groups, K]``.
+
+    ``q`` is the float32 quantizer of ``fake_quantize`` (before any cast to x's dtype); every
+    difference ``q - x`` and its square are taken in float64, so each term is the same on every
+    backend and only the order of the float64 sum differs."""
+    L, lo, hi = levels(bits, signed, narrow)
+    rows = _as_rows(x, dim, group_size).float()
+    exact = rows.double()
+    divisor = torch.tensor(L, dtype=torch.float32, device=x.device)
+    out = torch.empty(cand.shape, dtype=torch.float64, device=x.device)
+    for k in range(cand.shape[1]):
+        q = quantize_to_grid(rows, cand[:, k:k + 1].float() / divisor, lo, hi)
+        out[:, k] = (q.double() - exact).square().sum(1)
+    return out
+
+
+def refine_search(sse, scale, a_max):
+    """The refinement search shared by every backend (``sse`` maps float32 candidates
+    ``[n_groups, K]`` to their float64 squared errors, one pass over the data).
+
+    Per group, from the start ``s0`` (the OCTAV scale; ``a_max`` where it is not a positive
+    finite number) and ``m = a_max``:
+
+    1. coarse pass: ``s0``, ``m`` and K-2 points spaced geometrically from ``s0 / 1.25`` to
+       ``max(m, 1.25 s0)``. This spans both minima of Appendix G's non-convex case: the OCTAV
+       basin (outliers clipped) and the large-scale basin where small values round to zero and
+       the outliers are represented;
+    2. ``REFINE_ROUNDS`` passes of K points spaced evenly inside the bracket between the best
+       candidate's neighbours, each narrowing the bracket to two of its spacings around the best.
+
+    Returns the candidate with the lowest squared error seen (the smallest scale among exact
+    ties), float32: never worse than ``s0`` or than ``m`` (max scaling). Groups with a NaN or inf
+    ``m`` return ``m`` (SPEC §6); groups with nothing positive return 0.
+    """
+    K = REFINE_CANDIDATES
+    s0 = scale.double().reshape(-1)
+    m = a_max.double().reshape(-1)
+    start = torch.where((s0 > 0) & torch.isfinite(s0), s0, m)
+    ok = (start > 0) & torch.isfinite(start) & (m > 0) & torch.isfinite(m)
+    base = torch.where(ok, start, 1.0)
+    top = torch.where(ok, m, 1.0)
+    low = base / REFINE_SPREAD
+    ratio = (torch.maximum(top, base * REFINE_SPREAD) / low) ** (1.0 / (K - 3))
+    powers = [torch.ones_like(ratio)]
+    for _ in range(K - 3):  # ratio**j by repeated products, as the compiled kernels form it
+        powers.append(powers[-1] * ratio)
+    grid = low[:, None] * torch.stack(powers, 1)
+    cand = torch.cat([grid, base[:, None], top[:, None]], 1).float().sort(1).values
+    best_err, idx = sse(cand).min(1)
+    best = cand.gather(1, idx[:, None]).squeeze(1).double()
+    below = cand.gather(1, (idx - 1).clamp_min(0)[:, None]).squeeze(1).double()
+    above = cand.gather(1, (idx + 1).clamp_max(K - 1)[:, None]).squeeze(1).double()
+    lower = torch.where(idx > 0, below, best / ratio)
+    upper = torch.where(idx < K - 1, above, best * ratio)
+    steps = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
+    for _ in range(REFINE_ROUNDS):
+        width = (upper - lower) / (K + 1)
+        cand = (lower[:, None] + width[:, None] * steps).float()
+        err, idx = sse(cand).min(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, cand.gather(1, idx[:, None]).squeeze(1).double(), best)
+        lower, upper = best - width, best + width
+    return torch.where(ok, best, m).float()
+
+
+def refine_with(candidate_sse, x, scale, bits, signed=True, dim=None, group_size=None,
+                narrow=False):
+    """``refine_search`` with the passes of a backend's ``candidate_sse`` (same signature as
+    this module's). A per-channel tensor whose channels are not contiguous runs is transposed
+    once, so the passes do not each make that copy."""
+    g = groups(x, dim, group_size)
+    if transposed_for_kernels(g):
+        x, dim = x.movedim(g.dim, 0).contiguous(), 0
+
+    def sse(cand):
+        return candidate_sse(x, cand, bits, signed, dim, group_size, narrow)
+
+    a_max = max_magnitude(x, signed, dim, group_size)
+    return refine_search(sse, scale, a_max).reshape(scale.shape)
+
+
+def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """``scale`` polished against the empirical MSE of SPEC §1 by ``refine_search``, per group,
+    with ``candidate_sse`` evaluating each pass."""
+    return refine_with(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)
 
 
 def _scale_shape(x, dim, group_size):

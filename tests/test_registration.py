@@ -40,6 +40,9 @@ def sample_inputs():
          {"signed": False, "group_size": 4, "grad": "pwl"}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
+        (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),
+        (o.refine_scale.default, (xu.detach(), s_g, 4), {"signed": False, "group_size": 4}),
+        (o.refine_scale.default, (x.detach(), s_c.amax(), 4), {"narrow": True}),
     ]
 
 
@@ -65,7 +68,8 @@ def test_torch_compile_fullgraph_matches_eager(device):
         wq, sw = ok.octav_fake_quantize(w, 4, dim=0, grad="mad")
         aq = ok.fake_quantize(a, scale_a, 8, signed=False, grad="pwl")
         sums = ok.masked_sums(a, scale_a, signed=False)
-        return (wq, sw, aq) + sums
+        refined = ok.octav_scale(a, 3, signed=False, refine=True)
+        return (wq, sw, aq) + sums + (refined,)
 
     w = make_data((16, 32), seed=34)
     a = make_data((8, 32), seed=35, signed=False)

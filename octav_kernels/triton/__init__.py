@@ -2,5 +2,7 @@
 
 from .fake_quant import fake_quantize, fake_quantize_backward
 from .octav import masked_sums, octav_scale
+from .refine import candidate_sse, refine_scale
 
-__all__ = ["fake_quantize", "fake_quantize_backward", "masked_sums", "octav_scale"]
+__all__ = ["candidate_sse", "fake_quantize", "fake_quantize_backward", "masked_sums",
+           "octav_scale", "refine_scale"]

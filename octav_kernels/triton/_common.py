@@ -32,3 +32,21 @@ def round_to_bf16(v):
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
     return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+# 1.5 * 2**23: (v + M) - M rounds a float32 |v| < 2**22 to the nearest integer, ties to even
+# (libdevice.rint is not available in the interpreter).
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def quantize(x, s, step, lo, hi):
+    """SPEC §1 in float32: ``clamp(round(x / step), lo, hi) * step`` (``step = s / L``), 0 where
+    s == 0; IEEE division (``div_rn``) so results match the CPU kernels bit for bit."""
+    v = tl.math.div_rn(x, step)
+    # Clamp to one level beyond the grid first so the magic-number rounding is exact; the
+    # comparisons leave NaN untouched.
+    v = tl.where(v < lo - 1.0, lo - 1.0, tl.where(v > hi + 1.0, hi + 1.0, v))
+    v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    v = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+    return tl.where(s == 0, 0.0, v * step)

@@ -11,12 +11,9 @@ import triton
 import triton.language as tl
 
 from .._args import GRADS, groups, levels
-from ._common import check_dtype, exact_bf16_store, round_to_bf16
+from ._common import check_dtype, exact_bf16_store, quantize, round_to_bf16
 
 _BLOCK = 1024
-# 1.5 * 2**23: (v + M) - M rounds a float32 |v| < 2**22 to the nearest integer, ties to even
-# (libdevice.rint is not available in the interpreter).
-_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -26,14 +23,7 @@ def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo
     valid = k < numel
     s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
     x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    step = tl.math.div_rn(s, L)
-    v = tl.math.div_rn(x, step)
-    # Clamp to one level beyond the grid first so the magic-number rounding is exact; the
-    # comparisons leave NaN untouched.
-    v = tl.where(v < lo - 1.0, lo - 1.0, tl.where(v > hi + 1.0, hi + 1.0, v))
-    v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
-    v = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
-    q = tl.where(s == 0, 0.0, v * step)
+    q = quantize(x, s, tl.math.div_rn(s, L), lo, hi)
     if ROUND_BF16:
         q = round_to_bf16(q)
     tl.store(y_ptr + k, q.to(y_ptr.dtype.element_ty), mask=valid)

@@ -1,0 +1,86 @@
+// Squared quantization error of candidate scales on the GPU: one pass of the refinement search
+// (octav_kernels/reference.py: refine_search, whose candidate updates run as torch ops on the
+// device, so there is no host sync).
+//
+// sse[g, k] = sum over group g of (q(x; cand[g, k]) - x)^2, q the float32 quantizer of
+// fake_quantize; each difference and square in double without contraction (the same terms as
+// the reference and the CPU kernel), summed in double. Block (g, split) reduces one slice of
+// group g for all candidates at once; the slices' partials are added by a torch sum.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace octav::cuda {
+namespace {
+
+constexpr int kCandidates = 8;  // octav_kernels.reference.REFINE_CANDIDATES
+constexpr int kSseBlock = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kSseBlock)
+    candidate_sse_kernel(const T* __restrict__ x, const float* __restrict__ cand,
+                         double* __restrict__ partials, int64_t outer, int64_t n_groups,
+                         int64_t inner, int64_t splits, int64_t per, float L, float lo,
+                         float hi) {
+  __shared__ double scratch[kSseBlock / kWarp][kCandidates];
+  const int64_t g = blockIdx.x / splits, split = blockIdx.x % splits;
+  float s[kCandidates], step[kCandidates];
+  double acc[kCandidates];
+#pragma unroll
+  for (int k = 0; k < kCandidates; ++k) {
+    s[k] = cand[g * kCandidates + k];
+    step[k] = __fdiv_rn(s[k], L);
+    acc[k] = 0.0;
+  }
+  const int64_t len = outer * inner;
+  const int64_t end = std::min(len, (split + 1) * per);
+  for (int64_t e = split * per + threadIdx.x; e < end; e += blockDim.x) {
+    const int64_t o = outer == 1 ? 0 : e / inner;
+    const float v = static_cast<float>(x[(o * n_groups + g) * inner + (e - o * inner)]);
+    const double vd = v;
+#pragma unroll
+    for (int k = 0; k < kCandidates; ++k) {
+      const double d = static_cast<double>(quantize(v, s[k], step[k], lo, hi)) - vd;
+      acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
+    }
+  }
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < kCandidates; ++k) {
+    for (int d = kWarp / 2; d > 0; d /= 2) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], d);
+    if (lane == 0) scratch[warp][k] = acc[k];
+  }
+  __syncthreads();
+  if (threadIdx.x < kCandidates) {
+    double total = 0.0;
+    for (int w = 0; w < kSseBlock / kWarp; ++w) total += scratch[w][threadIdx.x];
+    partials[blockIdx.x * kCandidates + threadIdx.x] = total;
+  }
+}
+
+}  // namespace
+
+at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
+                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi) {
+  TORCH_CHECK(cand.dim() == 2 && cand.size(0) == n_groups && cand.size(1) == kCandidates,
+              "candidate_sse: cand must be [n_groups, ", kCandidates, "]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t len = outer * inner;
+  // Enough slices to fill the GPU, none shorter than 8 elements per thread.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>((len + kSseBlock * 8 - 1) / (kSseBlock * 8),
+                           (4 * sms + n_groups - 1) / n_groups));
+  const int64_t per = (len + splits - 1) / splits;
+  auto partials = at::empty({n_groups, splits, kCandidates}, x.options().dtype(at::kDouble));
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "candidate_sse", [&] {
+    candidate_sse_kernel<scalar_t><<<static_cast<unsigned>(n_groups * splits), kSseBlock, 0, stream>>>(
+        x.data_ptr<scalar_t>(), cand.data_ptr<float>(), partials.data_ptr<double>(), outer,
+        n_groups, inner, splits, per, static_cast<float>(L), static_cast<float>(lo),
+        static_cast<float>(hi));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partials.sum(1);
+}
+
+}  // namespace octav::cuda

@@ -1,0 +1,269 @@
+"""refine_scale (OCTAV polished against the empirical MSE, SPEC §8): parity of every kernel
+backend with the reference search, the guarantees of the search on varied data (never worse than
+its start or than max scaling; the deeper minimum of heavy-outlier data), and the API around it.
+
+Tolerance: every backend computes the same per-element terms ``(q - x)**2`` (float32 quantizer,
+float64 difference and square, no contraction), so candidate errors differ only by the order of
+a float64 sum of n positive terms: relative error below n * 2**-53 (< 1e-11 for the n <= 1e5
+elements of a test group; SSE_RTOL). The search then makes the same decisions and returns the
+same float32 scale, unless two candidates' errors tie within that bound; the parity check
+accepts a different scale only there (a different scale with a measurably different error
+fails).
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+from conftest import (
+    ALL_BACKENDS,
+    BACKEND_DTYPES,
+    GRANULARITIES,
+    GRIDS,
+    KERNEL_BACKENDS,
+    MATRIX_SHAPE,
+    assert_bitwise,
+    make_data,
+    on_device,
+)
+
+import octav_kernels as ok
+from octav_kernels import reference, use_backend
+
+SSE_RTOL = 1e-11
+
+
+def sse(x, scale, bits, signed=True, narrow=False, **gran):
+    """Reference squared error per group at ``scale`` (float64, the scale's shape)."""
+    g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))
+    err = reference.candidate_sse(x, scale.reshape(-1, 1), bits, signed, g.dim, g.group_size,
+                                  narrow)
+    return err.reshape(scale.shape)
+
+
+def assert_same_search(got, expected, x, bits, signed=True, narrow=False, **gran):
+    """Equal scales, or equal errors within SSE_RTOL where the scales differ (a tie)."""
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    differ = ~((got == expected) | (torch.isnan(got) & torch.isnan(expected)))
+    if bool(differ.any()):
+        e_got = sse(x, got, bits, signed, narrow, **gran)[differ]
+        e_exp = sse(x, expected, bits, signed, narrow, **gran)[differ]
+        torch.testing.assert_close(e_got, e_exp, rtol=SSE_RTOL, atol=0.0)
+
+
+def reference_refined(x, bits, **kw):
+    """(OCTAV scale, its refinement), both served by the reference backend."""
+    with use_backend("reference"):
+        scale = ok.octav_scale(x, bits, **kw)
+        return scale, ok.refine_scale(x, scale, bits, **kw)
+
+
+def gaussian_outliers(n, seed=0, fraction=0.005, size=30.0):
+    """Gaussian data with a fraction of outliers ``size`` times larger (Appendix G's case)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < fraction, x * size, x)
+    return on_device(x.float())
+
+
+def laplace(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-300)
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    return on_device((sign * -torch.log(u)).float())
+
+
+def sweep_sse(x, bits, points, signed=True):
+    """Lowest squared error of the ``points``-point sweep k/points * max|x| (one group)."""
+    m = (x.abs() if signed else x).amax().reshape(1, 1)
+    cand = m * torch.arange(1, points + 1, device=x.device) / points
+    return reference.candidate_sse(x, cand.float(), bits, signed).min()
+
+
+# ----------------------------------------------------------------------------- parity matrix
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("gran", GRANULARITIES)
+@pytest.mark.parametrize("name,dtype", BACKEND_DTYPES)
+def test_refine_scale_parity(name, dtype, gran, grid, bits):
+    signed, narrow = grid
+    x = make_data(MATRIX_SHAPE, dtype, signed, seed=bits)
+    scale, expected = reference_refined(x, bits, signed=signed, narrow=narrow, **gran)
+    with use_backend(name):
+        got = ok.refine_scale(x, scale, bits, signed=signed, narrow=narrow, **gran)
+    assert_same_search(got, expected, x, bits, signed, narrow, **gran)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(((40_000,), {}), id="tensor-40k"),  # > 2**14: the C++ chunked large-group path
+    pytest.param(((6, 2_000), {"dim": 0}), id="rows-2000"),
+    pytest.param(((300, 9), {"dim": 1}), id="strided-rows"),
+    pytest.param(((4, 256), {"group_size": 64}), id="blocks-64"),
+])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_refine_scale_parity_larger_groups(name, bits, case):
+    shape, gran = case
+    x = laplace(shape, seed=bits)
+    scale, expected = reference_refined(x, bits, **gran)
+    with use_backend(name):
+        got = ok.refine_scale(x, scale, bits, **gran)
+        assert_same_search(got, expected, x, bits, **gran)
+        own = ok.refine_scale(x, ok.octav_scale(x, bits, **gran), bits, **gran)
+        assert torch.equal(ok.octav_scale(x, bits, refine=True, **gran), own)
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+@pytest.mark.parametrize("name", [b for b in KERNEL_BACKENDS if b.values[0] != "cpu"])
+def test_candidate_sse_parity(name, gran):
+    """The pass the Triton and CUDA backends run (the C++ backend fuses it into its search)."""
+    x = make_data(MATRIX_SHAPE, torch.bfloat16, seed=5)
+    g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))
+    gen = torch.Generator().manual_seed(1)
+    cand = on_device(torch.rand(g.n_groups, reference.REFINE_CANDIDATES, generator=gen) * 3)
+    expected = reference.candidate_sse(x, cand, 3, True, g.dim, g.group_size)
+    kernels = importlib.import_module(f"octav_kernels.{name}")
+    torch.testing.assert_close(kernels.candidate_sse(x, cand, 3, True, g.dim, g.group_size),
+                               expected, rtol=SSE_RTOL, atol=0.0)
+
+
+# ------------------------------------------------------------- what the search guarantees
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("data", ["laplace", "outliers", "heavy"])
+def test_never_worse_than_start_or_max(data, signed, bits):
+    """Per group, the refined error is at most that of the OCTAV scale and of max scaling
+    (both are coarse candidates), and the refined scale stays within the coarse range."""
+    if data == "laplace":
+        x = laplace((64, 96), seed=bits)
+    elif data == "outliers":
+        x = gaussian_outliers(64 * 96, seed=bits, fraction=0.02).reshape(64, 96)
+    else:
+        x = make_data((64, 96), signed=signed, seed=bits)
+    if not signed:
+        x = x.abs()
+    scale, refined = reference_refined(x, bits, signed=signed, dim=0)
+    m = ok.max_scale(x, signed=signed, dim=0)
+    e = sse(x, refined, bits, signed, dim=0)
+    assert bool((e <= sse(x, scale, bits, signed, dim=0)).all())
+    assert bool((e <= sse(x, m, bits, signed, dim=0)).all())
+    assert bool((refined >= scale / 1.25 / 1.25 ** 2).all())  # the bracket below the lowest
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_outliers_second_minimum(name):
+    """Appendix G's non-convex case: with 0.5% outliers 30x the bulk at 2 bits, the OCTAV fixed
+    point clips the outliers, while the empirical MSE is lowest in the other basin (a large scale
+    that represents them and rounds the bulk to zero). The refinement returns that deeper minimum,
+    as good as a 2000-point sweep within 0.2%."""
+    x = gaussian_outliers(20_000, seed=1)
+    with use_backend(name):
+        scale = ok.octav_scale(x, 2)
+        refined = ok.octav_scale(x, 2, refine=True)
+    best = sweep_sse(x, 2, 2000)
+    assert float(sse(x, scale, 2)) > 1.5 * float(best)  # OCTAV is in the shallow basin
+    assert float(refined) > 5 * float(scale)  # the refinement moved to the other one
+    assert float(sse(x, refined, 2)) <= 1.002 * float(best)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_single_minimum_data_matches_fine_sweep(signed, bits):
+    """On unimodal data the refinement stays near the OCTAV point and reaches the 2000-point
+    sweep's error within 0.2% (the issue's target), never above the 100-point sweep's."""
+    x = laplace((30_000,), seed=bits)
+    if not signed:
+        x = x.abs()
+    scale, refined = reference_refined(x, bits, signed=signed)
+    assert 0.8 <= float(refined / scale) <= 1.5
+    e = float(sse(x, refined, bits, signed))
+    assert e <= 1.002 * float(sweep_sse(x, bits, 2000, signed))
+    assert e <= float(sweep_sse(x, bits, 100, signed))
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_special_groups(name):
+    """NaN and inf propagate (SPEC §6), nothing positive gives 0, and a start that is not a
+    positive finite number starts from max|x|; inputs are not modified."""
+    x = on_device(torch.tensor([[0.5, -1.0, 2.0, 0.25],
+                                [0.0, 0.0, 0.0, 0.0],
+                                [1.0, float("nan"), 2.0, 3.0],
+                                [1.0, float("inf"), 2.0, 3.0],
+                                [-1.0, -2.0, -3.0, -0.5],
+                                [0.3, -0.7, 1.1, 0.9]]))
+    start = on_device(torch.tensor([1.0, 0.0, 2.0, 2.0, 1.0, float("nan")]))
+    x0, start0 = x.clone(), start.clone()
+    with use_backend(name):
+        signed = ok.refine_scale(x, start, 3, dim=0)
+        unsigned = ok.refine_scale(x, start, 3, signed=False, dim=0)
+        empty = ok.refine_scale(x[:, :0], start, 3, dim=0)
+    assert_bitwise(x, x0)
+    assert_bitwise(start, start0)
+    assert signed[1] == 0 and torch.isnan(signed[2]) and signed[3] == math.inf
+    assert unsigned[4] == 0  # no positive entry
+    assert bool((signed[[0, 5]] > 0).all()) and torch.isfinite(signed[[0, 5]]).all()
+    with use_backend("reference"):
+        from_max = ok.refine_scale(x[5:], ok.max_scale(x[5:], dim=0), 3, dim=0)
+    assert signed[5] == from_max[0]
+    assert torch.equal(empty, torch.zeros_like(start))
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def test_flags_compose():
+    x = make_data((8, 200), seed=11).requires_grad_()
+    scale = ok.octav_scale(x.detach(), 3, dim=0)
+    refined = ok.refine_scale(x.detach(), scale, 3, dim=0)
+    assert torch.equal(ok.octav_scale(x.detach(), 3, dim=0, refine=True), refined)
+    for grad in ("mad", "pwl", "ste"):
+        y, s = ok.octav_fake_quantize(x, 3, dim=0, grad=grad, refine=True, init=scale)
+        assert torch.equal(s, refined) and not s.requires_grad
+        assert torch.equal(y, ok.fake_quantize(x.detach(), refined, 3, dim=0))
+        y.sum().backward()
+        expected = reference.fake_quantize_backward(torch.ones_like(y), x.detach(), refined,
+                                                    dim=0, grad=grad)
+        assert torch.equal(x.grad, expected)
+        x.grad = None
+
+
+def test_calibrator_and_module():
+    cal = ok.make_calibrator("octav:refine")
+    assert isinstance(cal, ok.OctavCalibrator) and cal.refine and not cal.is_default
+    x = make_data((16, 64), seed=12)
+    assert torch.equal(cal(x, 4, dim=0), ok.octav_scale(x, 4, dim=0, refine=True))
+    q = ok.Quantizer(4, dim=0, calibrator="octav:refine")
+    q.train()
+    y = q(x)
+    assert torch.equal(q.scale, ok.octav_scale(x, 4, dim=0, refine=True))
+    assert torch.equal(y, ok.fake_quantize(x, q.scale, 4, dim=0))
+    with pytest.raises(ValueError, match="octav:refine"):
+        ok.make_calibrator("octav:fast")
+    with pytest.raises(TypeError, match="refine"):
+        ok.OctavCalibrator(refine=1)
+    with pytest.raises(ValueError, match="refined OCTAV scale is not computed across ranks"):
+        ok.Quantizer(4, calibrator="octav:refine", process_group="world")
+
+
+def test_bad_arguments():
+    x = torch.randn(4, 6)
+    s = torch.ones(4)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        ok.refine_scale(x, torch.ones(6), 4, dim=0)
+    with pytest.raises(ValueError, match="bits"):
+        ok.refine_scale(x, s, 1, dim=0)
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        ok.refine_scale(x, 1.0, 4)
+    with pytest.raises(TypeError, match="refine must be a bool"):
+        ok.octav_scale(x, 4, refine="yes")
+    with pytest.raises(TypeError, match="refine must be a bool"):
+        ok.octav_fake_quantize(x, 4, refine=None)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ok.refine_scale(x.int(), s, 4, dim=0)
+    with pytest.raises(ValueError, match="narrow=True applies to signed grids only"):
+        ok.refine_scale(x, s, 4, dim=0, signed=False, narrow=True)
