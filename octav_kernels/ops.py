@@ -26,6 +26,11 @@ def _check_common(x, bits, signed, dim, group_size, narrow=False) -> Groups:
     return _args.groups(x, dim, group_size)
 
 
+def _check_with_scale(x, scale, bits, signed, dim, group_size, narrow):
+    g = _check_common(x, bits, signed, dim, group_size, narrow)
+    return g, _args.check_scale(scale, x, g)
+
+
 def _check_octav(x, bits, signed, dim, group_size, init, narrow):
     g = _check_common(x, bits, signed, dim, group_size, narrow)
     if init is not None:
@@ -93,8 +98,7 @@ def _(x, scale, signed=True, dim=None, group_size=None):
     schema="(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
            "int? group_size=None, bool narrow=False) -> Tensor")
 def _refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    g = _check_common(x, bits, signed, dim, group_size, narrow)
-    scale = _args.check_scale(scale, x, g)
+    g, scale = _check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
     if x.numel() == 0:
         return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
     return backend.select(x.device).refine_scale(x, scale, bits, signed, g.dim, g.group_size,
@@ -103,8 +107,7 @@ def _refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow
 
 @_refine_scale.register_fake
 def _(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    g = _check_common(x, bits, signed, dim, group_size, narrow)
-    _args.check_scale(scale, x, g)
+    g, _ = _check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
     return x.new_empty(g.scale_shape, dtype=torch.float32)
 
 
@@ -268,8 +271,7 @@ def _empty_mask(x):
     schema="(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
            "int? group_size=None, bool narrow=False) -> (Tensor, Tensor)")
 def _fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    g = _check_common(x, bits, signed, dim, group_size, narrow)
-    scale = _args.check_scale(scale, x, g)
+    g, scale = _check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device), _empty_mask(x)
     kernels = backend.select(x.device)
@@ -281,8 +283,7 @@ def _fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None
 
 @_fake_quantize_packed.register_fake
 def _(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    g = _check_common(x, bits, signed, dim, group_size, narrow)
-    _args.check_scale(scale, x, g)
+    _check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), _empty_mask(x)
 
 

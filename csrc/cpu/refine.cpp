@@ -25,12 +25,13 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kPiece = 512;   // elements evaluated for all K candidates while in L1
 constexpr int64_t kLocal = 1 << 14;
-constexpr int kLanes = 32;  // independent double accumulators (the adds are latency bound)
+constexpr int kLanes = 32;  // independent double accumulators
 
-// sum over xs[0..n) (xd: the same values in double) of (clamp(round(xs / step), lo, hi) * step - xs)^2 (q = 0 when step == 0).
-// Written as fixed-width lane loops that GCC vectorizes (SSE4 and, through target_clones, AVX2:
-// no FMA, so every term is rounded as in the reference).
-__attribute__((target_clones("avx2", "default")))
+// sum over xs[0..n) (xd: the same values in double) of (clamp(round(xs / step), lo, hi) * step -
+// xs)^2, q = 0 when step == 0. Fixed-width lane loops that GCC vectorizes (SSE4, and through
+// target_clones AVX2 and AVX-512; no FMA, so every term is rounded as in the reference); kLanes
+// accumulators keep the double adds from serializing.
+__attribute__((target_clones("avx512f", "avx2", "default")))
 double piece_sse(const float* __restrict xs, const double* __restrict xd, int64_t n, float step,
                  float lo, float hi) {
   double acc[kLanes] = {};
