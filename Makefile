@@ -27,6 +27,7 @@ test: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) bench/bench_octav.py --out bench/results/cpu_octav.md
 	$(PY) bench/bench_fake_quant.py --out bench/results/cpu_fake_quant.md
+	$(PY) bench/bench_refine.py --out bench/results/cpu_refine.md
 
 # The end-to-end QAT demo (scikit-learn digits, ~5 min on 2 cores).
 demo: $(VENV)/.built

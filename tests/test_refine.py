@@ -13,6 +13,10 @@ fails).
 
 import importlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +36,7 @@ import octav_kernels as ok
 from octav_kernels import reference, use_backend
 
 SSE_RTOL = 1e-11
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sse(x, scale, bits, signed=True, narrow=False, **gran):
@@ -267,3 +272,20 @@ def test_bad_arguments():
         ok.refine_scale(x.int(), s, 4, dim=0)
     with pytest.raises(ValueError, match="narrow=True applies to signed grids only"):
         ok.refine_scale(x, s, 4, dim=0, signed=False, narrow=True)
+
+
+def test_bench_refine_quick(tmp_path):
+    """bench/bench_refine.py runs end to end (its --quick sizes) and reports every cell."""
+    out = tmp_path / "refine.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/bench_refine.py", "--quick", "--repeats", "1",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    cells = [r for r in rows if r.split("|")[1].strip() in ("gaussian", "laplace", "student-t5",
+                                                            "outliers")]
+    assert len(cells) == 4 * 2 * 2 * 2  # data x granularities x bits x sign (quick)
+    assert sum(r.startswith("| tensor 16K |") or r.startswith("| rows 64 (64x64) |")
+               for r in rows) == 2
+    assert len([r for r in rows if r.endswith("| yes |") or r.endswith("| no |")]) == 5
