@@ -25,14 +25,12 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kPiece = 512;   // elements evaluated for all K candidates while in L1
 constexpr int64_t kLocal = 1 << 14;
-constexpr int kLanes = 32;  // independent double accumulators
+constexpr int kLanes = 32;  // independent double accumulators (a power of two)
 
 // sum over xs[0..n) (xd: the same values in double) of (clamp(round(xs / step), lo, hi) * step -
-// xs)^2, q = 0 when step == 0. Fixed-width lane loops that GCC vectorizes (SSE4, and through
-// target_clones AVX2 and AVX-512; no FMA, so every term is rounded as in the reference); kLanes
-// accumulators keep the double adds from serializing.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-double piece_sse(const float* __restrict xs, const double* __restrict xd, int64_t n, float step,
+// xs)^2, q = 0 when step == 0. Fixed-width lane loops that GCC vectorizes (no FMA, so every term
+// is rounded as in the reference); kLanes accumulators keep the double adds from serializing.
+inline __attribute__((always_inline)) double piece_sse(const float* __restrict xs, const double* __restrict xd, int64_t n, float step,
                  float lo, float hi) {
   double acc[kLanes] = {};
   int64_t j = 0;
@@ -56,12 +54,15 @@ double piece_sse(const float* __restrict xs, const double* __restrict xd, int64_
     const double d = static_cast<double>(q) - xd[j];
     acc[0] += d * d;
   }
-  double total = 0.0;
-  for (double a : acc) total += a;
-  return total;
+  for (int w = kLanes / 2; w > 0; w /= 2) {  // pairwise: a few vector adds, fixed order
+    for (int u = 0; u < w; ++u) acc[u] += acc[u + w];
+  }
+  return acc[0];
 }
 
-// sum over the buffers of the squared errors of K candidate scales.
+// sum over the buffers of the squared errors of K candidate scales, piece by piece. Compiled for
+// SSE4 and, through target_clones, AVX2 and AVX-512 (one dispatch per pass, not per piece).
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void buffer_sse(const float* xs, const double* xd, int64_t n, const float* cand, int64_t K,
                 float L, float lo, float hi, double* err) {
   std::fill(err, err + K, 0.0);
