@@ -10,6 +10,7 @@ from conftest import GPU, assert_bitwise, assert_scale_close, make_data, referen
 
 import octav_kernels as ok
 from octav_kernels import backend, reference, use_backend
+from octav_kernels import cuda as cuda_backend
 from octav_kernels._args import levels
 
 pytestmark = [
@@ -99,3 +100,19 @@ def test_deterministic():
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
             assert torch.equal(a, b)
+
+
+def test_more_groups_than_a_grid_dimension_holds():
+    """More than 65535 groups (per-block scales of a large weight): masked_sums and the
+    refinement's candidate_sse index groups on the 1-D grid, not on gridDim.y."""
+    x = make_data((70_000, 8), torch.bfloat16, seed=41)
+    scale = reference_scale(x, 4, group_size=4)
+    with use_backend("reference"):
+        expected = ok.masked_sums(x, scale, group_size=4)
+    got = ok.masked_sums(x, scale, group_size=4)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert_scale_close(got[0], expected[0], torch.bfloat16)
+    cand = torch.rand(scale.numel(), reference.REFINE_CANDIDATES, device="cuda") + 0.1
+    torch.testing.assert_close(cuda_backend.candidate_sse(x, cand, 4, group_size=4),
+                               reference.candidate_sse(x, cand, 4, group_size=4),
+                               rtol=1e-11, atol=0.0)

@@ -186,13 +186,15 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// masked_sums: block (split, c) reduces elements [split * per, (split + 1) * per) of group c.
+// masked_sums: block c * splits + split reduces elements [split * per, (split + 1) * per) of
+// group c (a 1-D grid: gridDim.y would cap the groups at 65535).
 template <typename T, bool Signed>
 __global__ void __launch_bounds__(kBlock)
     masked_sums_partial_kernel(const T* __restrict__ x, const float* __restrict__ scale,
-                               Totals* __restrict__ partials, Geometry geo, int64_t per) {
+                               Totals* __restrict__ partials, Geometry geo, int64_t splits,
+                               int64_t per) {
   __shared__ Totals scratch[kWarp];
-  const int64_t c = blockIdx.y, split = blockIdx.x;
+  const int64_t c = blockIdx.x / splits, split = blockIdx.x % splits;
   const float s = scale[c];
   const int64_t end = std::min(geo.len(), (split + 1) * per);
   Totals mine;
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   mine.add(part);
   const Totals block = block_sum(mine, scratch);
-  if (threadIdx.x == 0) partials[c * gridDim.x + split] = block;
+  if (threadIdx.x == 0) partials[blockIdx.x] = block;
 }
 
 __global__ void masked_sums_finish_kernel(const Totals* __restrict__ partials, int64_t splits,
@@ -325,8 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "masked_sums", [&] {
     dispatch_bool(is_signed, [&](auto sg) {
       masked_sums_partial_kernel<scalar_t, decltype(sg)::value>
-          <<<dim3(splits, n_groups), kBlock, 0, stream>>>(
-              x.data_ptr<scalar_t>(), scale.data_ptr<float>(), pp, geo, per);
+          <<<static_cast<unsigned>(n_groups * splits), kBlock, 0, stream>>>(
+              x.data_ptr<scalar_t>(), scale.data_ptr<float>(), pp, geo, splits, per);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
