@@ -1,6 +1,7 @@
-"""``python -m octav_kernels``: calibrate a built-in set of tensors with OCTAV and the baselines
-(max, percentile, 100-point MSE sweep) and print, per tensor and bit width, each method's
-empirical quantization MSE relative to the best sweep point and the time it took."""
+"""``python -m octav_kernels``: calibrate a built-in set of tensors with OCTAV, refined OCTAV
+(``refine=True``) and the baselines (max, percentile, 100-point MSE sweep) and print, per
+tensor and bit width, each method's empirical quantization MSE relative to the best sweep point
+and the time it took."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def builtin_tensors(numel: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def methods(bits: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     return {
         "octav": lambda x: ops.octav_scale(x, bits),
+        "octav+refine": lambda x: ops.octav_scale(x, bits, refine=True),
         "max": lambda x: calibrate.max_scale(x),
         "p99.9": lambda x: calibrate.percentile_scale(x, 99.9),
         "p99.99": lambda x: calibrate.percentile_scale(x, 99.99),

@@ -173,9 +173,10 @@ def refine_search(sse, scale, a_max):
     2. ``REFINE_ROUNDS`` passes of K points spaced evenly inside the bracket between the best
        candidate's neighbours, each narrowing the bracket to two of its spacings around the best.
 
-    Returns the candidate with the lowest squared error seen (the smallest scale among exact
-    ties), float32: never worse than ``s0`` or than ``m`` (max scaling). Groups with a NaN or inf
-    ``m`` return ``m`` (SPEC §6); groups with nothing positive return 0.
+    Returns the candidate with the lowest squared error seen (among exact ties, the first seen:
+    the smallest of its pass), float32: never worse than ``s0`` or than ``m`` (max scaling).
+    Groups with a NaN or inf ``m`` return ``m`` (SPEC §6); groups with nothing positive
+    return 0.
     """
     K = REFINE_CANDIDATES
     s0 = scale.double().reshape(-1)

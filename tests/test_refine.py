@@ -289,3 +289,18 @@ def test_bench_refine_quick(tmp_path):
     assert sum(r.startswith("| tensor 16K |") or r.startswith("| rows 64 (64x64) |")
                for r in rows) == 2
     assert len([r for r in rows if r.endswith("| yes |") or r.endswith("| no |")]) == 5
+
+
+def test_main_job_reports_refined_octav(capsys):
+    """`python -m octav_kernels` (the README's main command) at a small size: refined OCTAV is
+    in its table, never above plain OCTAV's MSE."""
+    from octav_kernels.__main__ import main
+
+    main(["--numel", "4096", "--bits", "2", "4", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    by = {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[4]) for r in rows}
+    keys = {(d, b) for d, b, _ in by}
+    assert len(keys) == 3 * 2  # built-in tensors x bit widths
+    for d, b in keys:
+        assert by[(d, b, "octav+refine")] <= by[(d, b, "octav")]

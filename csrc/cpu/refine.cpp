@@ -30,8 +30,9 @@ constexpr int kLanes = 32;  // independent double accumulators (a power of two)
 // sum over xs[0..n) (xd: the same values in double) of (clamp(round(xs / step), lo, hi) * step -
 // xs)^2, q = 0 when step == 0. Fixed-width lane loops that GCC vectorizes (no FMA, so every term
 // is rounded as in the reference); kLanes accumulators keep the double adds from serializing.
-inline __attribute__((always_inline)) double piece_sse(const float* __restrict xs, const double* __restrict xd, int64_t n, float step,
-                 float lo, float hi) {
+inline __attribute__((always_inline)) double piece_sse(const float* __restrict xs,
+                                                      const double* __restrict xd, int64_t n,
+                                                      float step, float lo, float hi) {
   double acc[kLanes] = {};
   int64_t j = 0;
   if (step == 0.0f) {
@@ -86,7 +87,8 @@ float positive_max(const float* xs, int64_t n, bool is_signed) {
 
 // reference.refine_search for one group: sse(cand, err) evaluates K candidates in one pass.
 template <typename SSE>
-float refine_search(float s0f, float mf, int64_t K, int64_t rounds, double spread, const SSE& sse) {
+float refine_search(float s0f, float mf, int64_t K, int64_t rounds, double spread,
+                    const SSE& sse) {
   const double s0 = s0f, m = mf;
   const double start = (s0 > 0 && std::isfinite(s0)) ? s0 : m;
   if (!(start > 0 && std::isfinite(start) && m > 0 && std::isfinite(m))) return mf;
@@ -94,7 +96,8 @@ float refine_search(float s0f, float mf, int64_t K, int64_t rounds, double sprea
   std::vector<double> err(K);
   // Coarse pass: K-2 points geometric from start / spread to max(m, start * spread), start, m.
   const double low = start / spread;
-  const double ratio = std::pow(std::max(m, start * spread) / low, 1.0 / static_cast<double>(K - 3));
+  const double ratio =
+      std::pow(std::max(m, start * spread) / low, 1.0 / static_cast<double>(K - 3));
   double power = 1.0;
   for (int64_t j = 0; j < K - 2; ++j, power *= ratio) cand[j] = static_cast<float>(low * power);
   cand[K - 2] = static_cast<float>(start);

@@ -43,7 +43,8 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
 at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask);
 
 // Squared error of the float32 quantizer (levels lo..hi, step = c / L) per group and candidate
-// scale: cand float32 [n_groups, 8] -> float64 [n_groups, 8] (octav_kernels.reference.candidate_sse).
+// scale: cand float32 [n_groups, 8] -> float64 [n_groups, 8]
+// (octav_kernels.reference.candidate_sse).
 at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
                          int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi);
 

@@ -74,7 +74,8 @@ at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t ou
   const int64_t per = (len + splits - 1) / splits;
   auto partials = at::empty({n_groups, splits, kCandidates}, x.options().dtype(at::kDouble));
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "candidate_sse", [&] {
-    candidate_sse_kernel<scalar_t><<<static_cast<unsigned>(n_groups * splits), kSseBlock, 0, stream>>>(
+    const auto blocks = static_cast<unsigned>(n_groups * splits);
+    candidate_sse_kernel<scalar_t><<<blocks, kSseBlock, 0, stream>>>(
         x.data_ptr<scalar_t>(), cand.data_ptr<float>(), partials.data_ptr<double>(), outer,
         n_groups, inner, splits, per, static_cast<float>(L), static_cast<float>(lo),
         static_cast<float>(hi));
