@@ -19,7 +19,6 @@ library's batched PyTorch 100-point sweep) on the serving backend (C++ on CPU te
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
@@ -61,14 +60,10 @@ def synthetic(kind: str, shape, seed: int) -> torch.Tensor:
 
 
 def sweep_sse(rows: torch.Tensor, bits: int, signed: bool, points: int) -> torch.Tensor:
-    """Lowest squared error per row over s = k/points * max, k = 1..points (float64)."""
-    m = (rows.abs() if signed else rows).amax(1, keepdim=True)
-    best = torch.full((rows.shape[0],), math.inf, dtype=torch.float64)
-    for start in range(1, points + 1, 8):
-        k = torch.arange(start, min(start + 8, points + 1), dtype=torch.float32)
-        err = reference.candidate_sse(rows, m * k / points, bits, signed, dim=0)
-        best = torch.minimum(best, err.min(1).values)
-    return best
+    """Squared error per row at the scale of ``mse_sweep_scale`` (k/points * max, the best of
+    k = 1..points), float64."""
+    return row_sse(rows, ok.mse_sweep_scale(rows, bits, signed=signed, dim=0, points=points),
+                   bits, signed)
 
 
 def row_sse(rows, scale, bits, signed):

@@ -41,7 +41,6 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
         g.inner, signed, GRADS.index(grad))
 
 
-
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
     g = groups(x, dim, group_size)
     x, outer, n_groups, inner = kernel_layout(x, g)

@@ -80,10 +80,8 @@ def laplace(shape, seed=0):
 
 
 def sweep_sse(x, bits, points, signed=True):
-    """Lowest squared error of the ``points``-point sweep k/points * max|x| (one group)."""
-    m = (x.abs() if signed else x).amax().reshape(1, 1)
-    cand = m * torch.arange(1, points + 1, device=x.device) / points
-    return reference.candidate_sse(x, cand.float(), bits, signed).min()
+    """Squared error at the scale of the library's ``points``-point sweep (one group)."""
+    return sse(x, ok.mse_sweep_scale(x, bits, signed=signed, points=points), bits, signed)
 
 
 # ----------------------------------------------------------------------------- parity matrix
