@@ -39,7 +39,8 @@ cuda-build: $(CUDA_VENV)/.deps
 	$(CUDA_VENV)/bin/python -c "import importlib.util as u, glob, torch; \
 	  spec = u.spec_from_file_location('octav_kernels._C', glob.glob('build/cuda/octav_kernels/_C*.so')[0]); \
 	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
-	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda') and hasattr(m, 'candidate_sse_cuda'); print('CUDA extension built and loads')"
+	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda') and hasattr(m, 'candidate_sse_cuda') \
+	    and hasattr(m, 'fake_quantize_tracked_cuda'); print('CUDA extension built and loads')"
 
 # The C++ kernels under AddressSanitizer: a copy of the tracked sources built with
 # -fsanitize=address, then the CPU parity tests with libasan preloaded (~2 min; not in CI).

@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("octav_scale_cpu", &octav::cpu::octav_scale);
   m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
   m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
+  m.def("fake_quantize_tracked_cpu", &octav::cpu::fake_quantize_tracked);
   m.def("refine_scale_cpu", &octav::cpu::refine_scale);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
@@ -22,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("octav_fake_quantize_cuda", &octav::cuda::octav_fake_quantize);
   m.def("fake_quantize_cuda", &octav::cuda::fake_quantize);
   m.def("fake_quantize_backward_cuda", &octav::cuda::fake_quantize_backward);
+  m.def("fake_quantize_tracked_cuda", &octav::cuda::fake_quantize_tracked);
   m.def("masked_backward_cuda", &octav::cuda::masked_backward);
   m.def("candidate_sse_cuda", &octav::cuda::candidate_sse);
 #else

@@ -6,7 +6,9 @@ Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_qu
 ``max_scale``, ``percentile_scale``, ``mse_sweep_scale``, and the ``Calibrator`` classes over
 all of them. QAT: the modules in ``octav_kernels.nn`` (``Quantizer``, ``QuantAct``,
 ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``) and the model helpers ``quantize_model``,
-``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``. Data split across ranks:
+``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``. Weight oscillations
+(``octav_kernels.oscillation``): ``OscillationControl``, ``Ramp``, ``fake_quantize_tracked``,
+``OscillationState``, ``dampening_loss``. Data split across ranks:
 ``octav_kernels.distributed``. Backend control: ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
@@ -26,6 +28,13 @@ from .calibrate import (
 )
 from .nn import QuantAct, QuantConv1d, QuantConv2d, Quantizer, QuantLinear
 from .ops import fake_quantize, masked_sums, octav_fake_quantize, octav_scale, refine_scale
+from .oscillation import (
+    OscillationControl,
+    OscillationState,
+    Ramp,
+    dampening_loss,
+    fake_quantize_tracked,
+)
 from .qat import (
     calibrate_model,
     calibration,
@@ -39,6 +48,8 @@ __all__ = [
     "Calibrator",
     "MSESweepCalibrator",
     "MaxCalibrator",
+    "OscillationControl",
+    "OscillationState",
     "OctavCalibrator",
     "PercentileCalibrator",
     "QuantAct",
@@ -46,11 +57,14 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "Quantizer",
+    "Ramp",
     "calibrate_model",
     "calibration",
+    "dampening_loss",
     "dequantize_model",
     "distributed",
     "fake_quantize",
+    "fake_quantize_tracked",
     "make_calibrator",
     "masked_sums",
     "max_scale",

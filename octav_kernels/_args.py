@@ -134,6 +134,13 @@ def flat_scale(scale: torch.Tensor | None) -> torch.Tensor:
     return scale.reshape(-1).float().contiguous()
 
 
+def flat_mask(mask: torch.Tensor | None) -> torch.Tensor:
+    """An optional bool mask as the kernels take it: contiguous; None is an empty tensor."""
+    if mask is None:
+        return torch.empty(0, dtype=torch.bool)
+    return mask.contiguous()
+
+
 def check_scale(scale: object, x: torch.Tensor, g: Groups, name: str = "scale") -> torch.Tensor:
     """``scale`` must be a floating tensor of ``g.scale_shape`` on ``x``'s device; returns it as
     a contiguous float32 tensor (a copy only where needed)."""
@@ -170,3 +177,43 @@ def octav_constant(bits: int, signed: bool, narrow: bool) -> float:
     1/(12 (2**(B-1)-1)**2) narrow."""
     L = levels(bits, signed, narrow)[0]
     return 1.0 / (12.0 * L * L)
+
+
+def check_state(tensor: object, x: torch.Tensor, dtype: torch.dtype, name: str,
+                contiguous: bool = False) -> torch.Tensor:
+    """A per-element state tensor (oscillation tracking): x's shape and device, ``dtype``, and
+    contiguous where a kernel updates it in place."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.shape != x.shape or tensor.device != x.device:
+        raise ValueError(f"{name} ({list(tensor.shape)} on {tensor.device}) must have x's shape "
+                         f"and device ({list(x.shape)} on {x.device})")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    return tensor
+
+
+def check_tracked_bits(bits: int, signed: bool) -> None:
+    """Oscillation tracking keeps integer levels in int8: signed bits <= 8, unsigned <= 7."""
+    if bits > (8 if signed else 7):
+        raise ValueError(f"oscillation tracking keeps integer levels in int8: bits must be <= "
+                         f"{8 if signed else 7} for a {'signed' if signed else 'unsigned'} grid, "
+                         f"got {bits}")
+
+
+def check_momentum(momentum: object) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    return float(momentum)
+
+
+def check_threshold(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ._args import GRADS, groups, kernel_layout, levels, octav_constant
+from ._args import GRADS, flat_mask, groups, kernel_layout, levels, octav_constant
 from ._args import flat_scale as _flat
 from .backend import compiled
 from .reference import REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD
@@ -34,11 +34,19 @@ def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
-                           grad="mad"):
+                           grad="mad", frozen=None):
     g = groups(x, dim, group_size)
     return compiled().fake_quantize_backward_cpu(
         grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
-        g.inner, signed, GRADS.index(grad))
+        g.inner, signed, GRADS.index(grad), flat_mask(frozen))
+
+
+def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
+                          frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_tracked_cpu(
+        x.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner, *levels(bits, signed, narrow),
+        last_int, last_dir, frozen, osc_freq, int_ema, momentum, freeze_threshold, update)
 
 
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):

@@ -7,7 +7,15 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._args import GRADS, groups, kernel_layout, levels, octav_constant, transposed_for_kernels
+from ._args import (
+    GRADS,
+    flat_mask,
+    groups,
+    kernel_layout,
+    levels,
+    octav_constant,
+    transposed_for_kernels,
+)
 from ._args import flat_scale as _flat
 from .backend import compiled
 
@@ -86,12 +94,21 @@ def pwl_backward_packed(grad_out, mask):
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
-                           grad="mad"):
+                           grad="mad", frozen=None):
     _check_dtype(x)
     g = groups(x, dim, group_size)
     return compiled().fake_quantize_backward_cuda(
         grad_out.to(x.dtype).contiguous(), x.contiguous(), _flat(scale), g.outer, g.n_groups,
-        g.inner, signed, GRADS.index(grad))
+        g.inner, signed, GRADS.index(grad), flat_mask(frozen))
+
+
+def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
+                          frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+    _check_dtype(x)
+    g = groups(x, dim, group_size)
+    return compiled().fake_quantize_tracked_cuda(
+        x.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner, *levels(bits, signed, narrow),
+        last_int, last_dir, frozen, osc_freq, int_ema, momentum, freeze_threshold, update)
 
 
 def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):

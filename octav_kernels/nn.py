@@ -25,8 +25,13 @@ from torch import nn
 from . import _args, distributed
 from .calibrate import Calibrator, MaxCalibrator, OctavCalibrator, make_calibrator
 from .ops import fake_quantize, octav_fake_quantize
+from .oscillation import OscillationState, dampening_loss, fake_quantize_tracked
 
 MODES = ("dynamic", "static")
+# Oscillation tracking state (octav_kernels.oscillation.OscillationState), buffer name: dtype.
+_OSC_BUFFERS = {"osc_last_int": torch.int8, "osc_last_dir": torch.int8,
+                "osc_frozen": torch.bool, "osc_freq": torch.float32,
+                "osc_int_ema": torch.float32}
 ESTIMATORS = ("mph", "mad", "pwl", "ste")
 REDUCTIONS = ("mean", "max")
 
@@ -62,6 +67,11 @@ class Quantizer(nn.Module):
     ``scale`` (float32, the granularity's shape; empty until set) is a buffer: it is saved in
     ``state_dict``, moves with ``.to(device)`` and stays float32 when the model is cast to
     another dtype.
+
+    ``track_oscillations()`` (for weights; ``octav_kernels.OscillationControl`` calls it) adds
+    per-element oscillation tracking and freezing to the fake-quant (``octav_kernels.oscillation``)
+    with its state in the buffers ``osc_last_int``, ``osc_last_dir``, ``osc_frozen``,
+    ``osc_freq`` and ``osc_int_ema``.
     """
 
     def __init__(self, bits: int = 4, *, signed: bool | None = True, dim: int | None = None,
@@ -107,6 +117,65 @@ class Quantizer(nn.Module):
         self.steps = 0  # training forwards seen (counted only when every > 1)
         self._calibration: tuple[torch.Tensor, int] | None = None
         self.register_buffer("scale", torch.empty(0))
+        self.momentum: float | None = None  # oscillation tracking off
+        self.freeze_threshold = 0.0
+
+    # -- oscillation tracking ---------------------------------------------------------------
+
+    @property
+    def tracking(self) -> bool:
+        """Whether oscillation tracking is on (``track_oscillations``)."""
+        return self.momentum is not None
+
+    def track_oscillations(self, momentum: float = 0.01) -> None:
+        """Track this quantizer's oscillations from its next training forward (momentum of the
+        frequency and level EMAs); ``freeze_threshold`` > 0 freezes weights above it. The
+        state starts at the first forward, from that input's levels."""
+        if self.signed is None:
+            raise ValueError(f"{self.name}: oscillation tracking needs a fixed grid type "
+                             "(signed=True or False), got signed=None")
+        _args.check_tracked_bits(self.bits, self.signed)
+        self.momentum = _args.check_momentum(momentum)
+        if "osc_last_int" not in self._buffers:
+            device = self.scale.device
+            for name, dtype in _OSC_BUFFERS.items():
+                self.register_buffer(name, torch.empty(0, dtype=dtype, device=device))
+
+    def _oscillation_state(self, x, scale) -> OscillationState:
+        if self.osc_last_int.shape != x.shape:
+            if self.osc_last_int.numel() > 0:
+                raise ValueError(f"{self.name}: oscillation state of shape "
+                                 f"{list(self.osc_last_int.shape)} does not match the input "
+                                 f"{list(x.shape)}")
+            start = OscillationState.start(x, scale, self.bits, signed=self.signed, dim=self.dim,
+                                           group_size=self.group_size, narrow=self.narrow)
+            for name, tensor in zip(_OSC_BUFFERS, start.tensors()):
+                setattr(self, name, tensor)
+        return OscillationState(*(getattr(self, name) for name in _OSC_BUFFERS))
+
+    def frozen_fraction(self) -> float:
+        """Fraction of the tracked elements that are frozen (0 before tracking starts)."""
+        if not self.tracking or self.osc_frozen.numel() == 0:
+            return 0.0
+        return float(self.osc_frozen.float().mean())
+
+    def oscillating_fraction(self, threshold: float = 0.01) -> float:
+        """Fraction of the tracked elements whose oscillation frequency EMA exceeds
+        ``threshold``."""
+        if not self.tracking or self.osc_freq.numel() == 0:
+            return 0.0
+        return float((self.osc_freq > threshold).float().mean())
+
+    def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``oscillation.dampening_loss`` of ``w`` (this quantizer's input, e.g. the layer's
+        weight) at the kept scale, frozen elements left out."""
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: no scale yet; the dampening loss needs one "
+                               "(run a training forward first)")
+        frozen = self.osc_frozen if self.tracking and self.osc_frozen.shape == w.shape else None
+        return dampening_loss(w, self.scale, self.bits, signed=bool(self.signed), dim=self.dim,
+                              group_size=self.group_size, narrow=self.narrow,
+                              reduction=reduction, frozen=frozen)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -123,23 +192,30 @@ class Quantizer(nn.Module):
                 self.scale = s.detach().to(torch.float32, copy=True)
 
     def get_extra_state(self) -> dict:
-        return {"signed": self.signed}
+        return {"signed": self.signed, "momentum": self.momentum}
 
     def set_extra_state(self, state: dict) -> None:
         self.signed = state["signed"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        saved = state_dict.get(prefix + "scale")
-        if isinstance(saved, torch.Tensor) and saved.shape != self.scale.shape:
-            self.scale = torch.empty(saved.shape, dtype=torch.float32, device=self.scale.device)
+        extra = state_dict.get(prefix + "_extra_state") or {}
+        if prefix + "osc_last_int" in state_dict and not self.tracking:
+            self.track_oscillations(extra.get("momentum") or 0.01)
+        for name in ("scale", *(_OSC_BUFFERS if self.tracking else ())):
+            saved, mine = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(saved, torch.Tensor) and saved.shape != mine.shape:
+                setattr(self, name, torch.empty(saved.shape, dtype=mine.dtype,
+                                                device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
-        scale = self.scale
+        kept = {name: getattr(self, name) for name in ("scale", "osc_freq", "osc_int_ema")
+                if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
-        self.scale = scale.to(self.scale.device)  # follow device moves, stay float32
+        for name, tensor in kept.items():  # follow device moves, stay float32
+            setattr(self, name, tensor.to(getattr(self, name).device))
         return self
 
     def extra_repr(self) -> str:
@@ -169,6 +245,13 @@ class Quantizer(nn.Module):
         return self._fake_quantize(x, self.scale)
 
     def _fake_quantize(self, x, scale):
+        if self.tracking:
+            state = self._oscillation_state(x, scale)
+            return fake_quantize_tracked(
+                x, scale, self.bits, state, signed=self.signed, dim=self.dim,
+                group_size=self.group_size, grad=self.grad, narrow=self.narrow,
+                momentum=self.momentum, freeze_threshold=self.freeze_threshold,
+                update=self.training)
         return fake_quantize(x, scale, self.bits, signed=self._signed_for(x), dim=self.dim,
                              group_size=self.group_size, grad=self.grad, narrow=self.narrow)
 
@@ -183,7 +266,8 @@ class Quantizer(nn.Module):
         if self.process_group is not None:
             s = self._distributed_scale(x.detach(), signed, init)
             y = self._fake_quantize(x, s)
-        elif isinstance(calibrator, OctavCalibrator) and calibrator.is_default:
+        elif (isinstance(calibrator, OctavCalibrator) and calibrator.is_default
+              and not self.tracking):
             y, s = octav_fake_quantize(x, self.bits, signed=signed, dim=self.dim,
                                        group_size=self.group_size, grad=self.grad, init=init,
                                        narrow=self.narrow)
@@ -328,13 +412,15 @@ class _QuantLayer:
             if q is not None:
                 q.to(self.weight.device)
 
-    def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight (blocks of ``group_size`` run over the flattened
-        ``in x kernel`` elements of each output channel)."""
+    def weight_as_quantized(self) -> torch.Tensor:
+        """The weight in the shape its quantizer sees (blocks of ``group_size`` run over the
+        flattened ``in x kernel`` elements of each output channel)."""
         w = self.weight
-        if self.weight_quantizer.group_size is None:
-            return self.weight_quantizer(w)
-        return self.weight_quantizer(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        return w if self.weight_quantizer.group_size is None else w.reshape(w.shape[0], -1)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight."""
+        return self.weight_quantizer(self.weight_as_quantized()).reshape(self.weight.shape)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

@@ -138,7 +138,7 @@ def _(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad", narrow
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _check_backward(grad_out, x, scale, signed, dim, group_size, grad):
+def _check_backward(grad_out, x, scale, signed, dim, group_size, grad, frozen=None):
     g = _check_common(x, None, signed, dim, group_size)
     _args.check_grad(grad)
     scale = _args.check_scale(scale, x, g)
@@ -146,25 +146,27 @@ def _check_backward(grad_out, x, scale, signed, dim, group_size, grad):
     if grad_out.shape != x.shape or grad_out.device != x.device:
         raise ValueError(f"grad_out ({list(grad_out.shape)} on {grad_out.device}) must match x "
                          f"({list(x.shape)} on {x.device})")
+    if frozen is not None:
+        _args.check_state(frozen, x, torch.bool, "frozen")
     return g, scale
 
 
 @torch.library.custom_op(
     "octav::fake_quantize_backward", mutates_args=(),
     schema="(Tensor grad_out, Tensor x, Tensor scale, bool signed=True, int? dim=None, "
-           "int? group_size=None, str grad=\"mad\") -> Tensor")
+           "int? group_size=None, str grad=\"mad\", Tensor? frozen=None) -> Tensor")
 def _fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
-                            grad="mad"):
-    g, scale = _check_backward(grad_out, x, scale, signed, dim, group_size, grad)
+                            grad="mad", frozen=None):
+    g, scale = _check_backward(grad_out, x, scale, signed, dim, group_size, grad, frozen)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return backend.select(x.device).fake_quantize_backward(
-        grad_out.to(x.dtype), x, scale, signed, g.dim, g.group_size, grad)
+        grad_out.to(x.dtype), x, scale, signed, g.dim, g.group_size, grad, frozen)
 
 
 @_fake_quantize_backward.register_fake
-def _(grad_out, x, scale, signed=True, dim=None, group_size=None, grad="mad"):
-    _check_backward(grad_out, x, scale, signed, dim, group_size, grad)
+def _(grad_out, x, scale, signed=True, dim=None, group_size=None, grad="mad", frozen=None):
+    _check_backward(grad_out, x, scale, signed, dim, group_size, grad, frozen)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -196,6 +198,54 @@ def _fake_quantize_grad(ctx, grad_out):
 
 
 _fake_quantize.register_autograd(_fake_quantize_grad, setup_context=_fake_quantize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# octav::fake_quantize_tracked: the weight fake-quant that also tracks oscillations and freezes
+# weights (reference.fake_quantize_tracked), in one pass that updates the state in place. Its
+# autograd (the backward with the frozen mask) is octav_kernels.oscillation's, since torch.library
+# registers autograd only for ops that mutate nothing.
+
+_TRACKED_STATE = (("last_int", torch.int8), ("last_dir", torch.int8), ("frozen", torch.bool),
+                  ("osc_freq", torch.float32), ("int_ema", torch.float32))
+
+
+def _check_tracked(x, scale, bits, signed, dim, group_size, narrow, state, momentum,
+                   freeze_threshold):
+    g, scale = _check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
+    _args.check_tracked_bits(bits, signed)
+    for (name, dtype), tensor in zip(_TRACKED_STATE, state):
+        _args.check_state(tensor, x, dtype, name, contiguous=True)
+    _args.check_momentum(momentum)
+    _args.check_threshold(freeze_threshold, "freeze_threshold")
+    return g, scale
+
+
+@torch.library.custom_op(
+    "octav::fake_quantize_tracked",
+    mutates_args=("last_int", "last_dir", "frozen", "osc_freq", "int_ema"),
+    schema="(Tensor x, Tensor scale, int bits, bool signed, int? dim, int? group_size, "
+           "bool narrow, Tensor(a!) last_int, Tensor(b!) last_dir, Tensor(c!) frozen, "
+           "Tensor(d!) osc_freq, Tensor(e!) int_ema, float momentum, float freeze_threshold, "
+           "bool update) -> Tensor")
+def _fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
+                           frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+    state = (last_int, last_dir, frozen, osc_freq, int_ema)
+    g, scale = _check_tracked(x, scale, bits, signed, dim, group_size, narrow, state, momentum,
+                              freeze_threshold)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return backend.select(x.device).fake_quantize_tracked(
+        x, scale, bits, signed, g.dim, g.group_size, narrow, *state, momentum,
+        freeze_threshold, update)
+
+
+@_fake_quantize_tracked.register_fake
+def _(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, frozen, osc_freq,
+      int_ema, momentum, freeze_threshold, update):
+    _check_tracked(x, scale, bits, signed, dim, group_size, narrow,
+                   (last_int, last_dir, frozen, osc_freq, int_ema), momentum, freeze_threshold)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,13 +262,18 @@ def quantize_to_grid(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> t
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
-                           grad="mad"):
+                           grad="mad", frozen=None):
     """Gradient of fake_quantize w.r.t. x (SPEC §3), in x's compute type (float64 for float64,
     else float32)::
 
         inside (|x| <= s; unsigned 0 <= x <= s):  g
         otherwise: ste g;  pwl 0;  mad g * (s / |x|)   (unsigned x < 0: 0 for pwl and mad)
+
+    and 0 wherever the bool mask ``frozen`` (x's shape, optional) is set: frozen weights.
     """
+    if frozen is not None:
+        out = fake_quantize_backward(grad_out, x, scale, signed, dim, group_size, grad)
+        return torch.where(frozen, torch.zeros((), dtype=out.dtype, device=out.device), out)
     if grad == "ste":
         return grad_out.to(x.dtype, copy=True)
     ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -317,3 +322,64 @@ def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="m
     """``(fake_quantize(x, s), s)`` with ``s = octav_scale(x, ...)`` (default iteration)."""
     scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
     return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
+
+
+# Oscillation tracking and freezing (Nagel et al., ICML 2022), fused with the weight fake-quant.
+
+
+def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
+                          frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+    """``fake_quantize`` of a weight that also tracks its oscillations and freezes the worst.
+
+    Per element, with ``n = clamp(round(x / step), lo, hi)`` its integer level this step (0
+    where s == 0) and ``m = momentum``, when ``update`` and the element is not frozen (and x is
+    not NaN)::
+
+        d          = sign(n - last_int)                       # direction of this step's change
+        oscillated = d != 0 and last_dir != 0 and d != last_dir
+        last_dir   = d if d != 0 else last_dir;   last_int = n
+        osc_freq   = (1 - m) * osc_freq + m * oscillated     # float32, each product and the
+        int_ema    = (1 - m) * int_ema + m * n               #   sum rounded (no FMA)
+        if freeze_threshold > 0 and osc_freq > freeze_threshold:
+            frozen = True;  last_int = clamp(round(int_ema), lo, hi)
+
+    The output is ``n * step``, or ``last_int * step`` for a frozen element (its integer level
+    is kept, on the current step's grid). Integers are compared as they are, so a change of
+    the scale that moves a level counts like any other change. Mutates the five state tensors
+    (x's shape: int8, int8, bool, float32, float32) in place; returns y in x's dtype.
+    """
+    L, lo, hi = levels(bits, signed, narrow)
+    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
+        L, dtype=torch.float32, device=x.device)
+    n = torch.clamp(torch.round(x.float() / step), lo, hi)
+    n = torch.where(step == 0, torch.zeros((), device=x.device), n)
+    if update:
+        live = ~frozen & ~torch.isnan(n)
+        level = torch.nan_to_num(n).to(torch.int16)
+        d = torch.sign(level - last_int.to(torch.int16)).to(torch.int8)
+        oscillated = (d != 0) & (last_dir != 0) & (d != last_dir)
+        keep = torch.tensor(1.0 - momentum, dtype=torch.float32, device=x.device)
+        m = torch.tensor(momentum, dtype=torch.float32, device=x.device)
+        freq = keep * osc_freq + m * oscillated.float()
+        ema = keep * int_ema + m * level.float()
+        freeze = live & (freq > freeze_threshold) if freeze_threshold > 0 else live & False
+        level = torch.where(freeze, torch.clamp(torch.round(ema), lo, hi).to(torch.int16), level)
+        last_dir.copy_(torch.where(live & (d != 0), d, last_dir))
+        last_int.copy_(torch.where(live, level.to(torch.int8), last_int))
+        osc_freq.copy_(torch.where(live, freq, osc_freq))
+        int_ema.copy_(torch.where(live, ema, int_ema))
+        frozen.copy_(frozen | freeze)
+    n = torch.where(frozen, last_int.float(), n)
+    q = torch.where(step == 0, torch.zeros((), device=x.device), n * step)
+    return q.to(x.dtype)
+
+
+def integer_levels(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """``clamp(round(x / step), lo, hi)`` as int8 (0 where s == 0 or x is NaN): the starting
+    ``last_int`` (and, as float32, ``int_ema``) of oscillation tracking. Needs levels that fit
+    int8 (signed bits <= 8, unsigned bits <= 7)."""
+    L, lo, hi = levels(bits, signed, narrow)
+    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
+        L, dtype=torch.float32, device=x.device)
+    n = torch.clamp(torch.round(x.float() / step), lo, hi)
+    return torch.nan_to_num(torch.where(step == 0, 0.0, n)).to(torch.int8)

@@ -24,6 +24,9 @@ def sample_inputs():
     g = make_data((6, 10), seed=33)
     g_u = make_data((4, 3, 8), seed=37)
     o = torch.ops.octav
+    frozen = torch.rand((6, 10), generator=torch.Generator().manual_seed(38)) < 0.3
+    state = ok.OscillationState.start(x, s_c, 3, dim=0)
+    state.frozen.copy_(frozen.to(state.frozen.device))
     return [
         (o.octav_scale.default, (x.detach(), 4), {}),
         (o.octav_scale.default, (x.detach(), 3), {"dim": 0, "init": s_c, "rtol": 0.0}),
@@ -38,6 +41,10 @@ def sample_inputs():
         (o.fake_quantize_backward.default, (g, x.detach(), s_c.amax()), {"grad": "ste"}),
         (o.fake_quantize_backward.default, (g_u, xu.detach().half(), s_g),
          {"signed": False, "group_size": 4, "grad": "pwl"}),
+        (o.fake_quantize_backward.default, (g, x.detach(), s_c),
+         {"dim": 0, "grad": "mad", "frozen": state.frozen}),
+        (o.fake_quantize_tracked.default, (x.detach(), s_c * 0.9, 3, True, 0, None, False,
+                                           *state.tensors(), 0.25, 0.2, True), {}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
         (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),

@@ -1,7 +1,8 @@
-// Clip-quantize forward and its STE / PWL / MAD backward on the CPU (SPEC §1, §3).
-// Both are single elementwise passes split across threads by element ranges; a range is walked
-// in runs of contiguous elements that share one scale (row r = o * n_groups + c of the
-// [outer, n_groups, inner] view uses scale[c]).
+// Clip-quantize forward and its STE / PWL / MAD backward on the CPU (SPEC §1, §3), and the
+// weight forward that also tracks oscillations and freezes weights (Nagel et al. 2022;
+// octav_kernels.reference.fake_quantize_tracked). All are single elementwise passes split
+// across threads by element ranges; a range is walked in runs of contiguous elements that share
+// one scale (row r = o * n_groups + c of the [outer, n_groups, inner] view uses scale[c]).
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -62,10 +63,66 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t o
   return y;
 }
 
+at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
+                                 int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
+                                 int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
+                                 at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
+                                 double momentum, double freeze_threshold, bool update) {
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const float fl = static_cast<float>(L), flo = static_cast<float>(lo),
+              fhi = static_cast<float>(hi);
+  // float32 as the reference computes them; products and sums are rounded one by one (this
+  // file is built without FMA contraction).
+  const float m = static_cast<float>(momentum), keep = static_cast<float>(1.0 - momentum),
+              threshold = static_cast<float>(freeze_threshold);
+  int8_t* level_p = last_int.data_ptr<int8_t>();
+  int8_t* dir_p = last_dir.data_ptr<int8_t>();
+  bool* frozen_p = frozen.data_ptr<bool>();
+  float* freq_p = osc_freq.data_ptr<float>();
+  float* ema_p = int_ema.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fq_tracked", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for_each_run(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t begin, int64_t n,
+                                                                      float s) {
+      const float step = s / fl;
+      for (int64_t k = begin; k < begin + n; ++k) {
+        float v = 0.0f;  // the integer level; 0 in an all-zero group
+        if (s != 0.0f) {
+          v = std::nearbyint(static_cast<float>(xp[k]) / step);
+          v = v < flo ? flo : (v > fhi ? fhi : v);
+        }
+        if (update && !frozen_p[k] && v == v) {
+          const int level = static_cast<int>(v), last = level_p[k];
+          const int d = (level > last) - (level < last);
+          const bool oscillated = d != 0 && dir_p[k] != 0 && d != dir_p[k];
+          if (d != 0) dir_p[k] = static_cast<int8_t>(d);
+          const float freq = keep * freq_p[k] + (oscillated ? m : 0.0f);
+          const float ema = keep * ema_p[k] + m * static_cast<float>(level);
+          freq_p[k] = freq;
+          ema_p[k] = ema;
+          int kept = level;
+          if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
+            const float r = std::nearbyint(ema);
+            kept = static_cast<int>(r < flo ? flo : (r > fhi ? fhi : r));
+            frozen_p[k] = true;
+          }
+          level_p[k] = static_cast<int8_t>(kept);
+        }
+        const float out = frozen_p[k] ? static_cast<float>(level_p[k]) : v;
+        yp[k] = s == 0.0f ? scalar_t(0) : static_cast<scalar_t>(out * step);
+      }
+    });
+  });
+  return y;
+}
+
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                                  int64_t inner, bool is_signed, int64_t mode) {
+                                  int64_t inner, bool is_signed, int64_t mode,
+                                  const at::Tensor& frozen) {
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fq_backward", [&] {
     using C = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -83,6 +140,7 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
         C out = g;
         if (mode == kPwl && !inside) out = C(0);
         if (mode == kMad && !inside) out = below ? C(0) : g * (s / a);
+        if (frozen_p != nullptr && frozen_p[k]) out = C(0);
         op[k] = static_cast<scalar_t>(out);
       }
     });

@@ -1,4 +1,6 @@
-// Clip-quantize forward and its STE / PWL / MAD backward on CUDA (SPEC §1, §3).
+// Clip-quantize forward and its STE / PWL / MAD backward on CUDA (SPEC §1, §3), and the weight
+// forward that also tracks oscillations and freezes weights
+// (octav_kernels.reference.fake_quantize_tracked).
 //
 // Elementwise over the flat contiguous tensor, grid-stride, int64 indices. A thread step is a
 // chunk of 8 consecutive elements read and written with 16-byte accesses (two for float32).
@@ -39,11 +41,60 @@ __device__ __forceinline__ float grad_of(float g, float v, float s) {
   }
 }
 
+// One thread per element (grid-stride): the level, the state update of reference
+// fake_quantize_tracked, and y. Products and sums are __fmul_rn / __fadd_rn (no FMA), so the
+// EMAs round as in the reference.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_tracked_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                 const float* __restrict__ scale, int8_t* __restrict__ level_p,
+                                 int8_t* __restrict__ dir_p, bool* __restrict__ frozen_p,
+                                 float* __restrict__ freq_p, float* __restrict__ ema_p,
+                                 int64_t numel, int64_t n_groups, int64_t inner, float L,
+                                 float lo, float hi, float m, float keep, float threshold,
+                                 bool update) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
+       k += stride) {
+    const float s = scale[n_groups == 1 ? 0 : (k / inner) % n_groups];
+    const float step = __fdiv_rn(s, L);
+    float v = 0.0f;  // the integer level; 0 in an all-zero group
+    if (s != 0.0f) {
+      v = rintf(__fdiv_rn(static_cast<float>(x[k]), step));
+      v = v < lo ? lo : (v > hi ? hi : v);
+    }
+    bool frozen = frozen_p[k];
+    int last = level_p[k];
+    if (update && !frozen && v == v) {
+      const int level = static_cast<int>(v), dir = dir_p[k];
+      const int d = (level > last) - (level < last);
+      const bool oscillated = d != 0 && dir != 0 && d != dir;
+      if (d != 0) dir_p[k] = static_cast<int8_t>(d);
+      const float freq = __fadd_rn(__fmul_rn(keep, freq_p[k]), oscillated ? m : 0.0f);
+      const float ema =
+          __fadd_rn(__fmul_rn(keep, ema_p[k]), __fmul_rn(m, static_cast<float>(level)));
+      freq_p[k] = freq;
+      ema_p[k] = ema;
+      last = level;
+      if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
+        const float r = rintf(ema);
+        last = static_cast<int>(r < lo ? lo : (r > hi ? hi : r));
+        frozen = true;
+        frozen_p[k] = true;
+      }
+      level_p[k] = static_cast<int8_t>(last);
+    }
+    y[k] = s == 0.0f ? static_cast<T>(0.0f)
+                     : static_cast<T>(__fmul_rn(frozen ? static_cast<float>(last) : v, step));
+  }
+}
+
 template <typename T, bool Vec, bool Signed, int M>
 __global__ void __launch_bounds__(kThreads)
     fake_quantize_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                   T* __restrict__ gx, const float* __restrict__ scale,
-                                  int64_t numel, int64_t n_groups, int64_t inner) {
+                                  const bool* __restrict__ frozen, int64_t numel,
+                                  int64_t n_groups, int64_t inner) {
   const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t ci = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ci < n_chunks;
@@ -51,8 +102,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k0 = ci * kChunk;
     GroupCursor cur(k0, n_groups, inner);
     float s = M == kSte ? 0.0f : scale[cur.g];
-    auto one = [&](float g, float v) {
+    auto one = [&](float g, float v, int64_t k) {
       if (cur.next() && M != kSte) s = scale[cur.g];
+      if (frozen != nullptr && frozen[k]) return static_cast<T>(0.0f);  // frozen weight
       return static_cast<T>(grad_of<Signed, M>(g, v, s));
     };
     if (Vec && k0 + kChunk <= numel) {
@@ -61,13 +113,14 @@ __global__ void __launch_bounds__(kThreads)
       if (M != kSte) v = load_chunk(x + k0);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) {
-        g.v[j] = one(static_cast<float>(g.v[j]), M == kSte ? 0.0f : static_cast<float>(v.v[j]));
+        g.v[j] = one(static_cast<float>(g.v[j]), M == kSte ? 0.0f : static_cast<float>(v.v[j]),
+                     k0 + j);
       }
       store_chunk(gx + k0, g);
     } else {
       for (int j = 0; j < kChunk && k0 + j < numel; ++j) {
         gx[k0 + j] = one(static_cast<float>(grad[k0 + j]),
-                         M == kSte ? 0.0f : static_cast<float>(x[k0 + j]));
+                         M == kSte ? 0.0f : static_cast<float>(x[k0 + j]), k0 + j);
       }
     }
   }
@@ -132,9 +185,33 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::
   return {y, mask};
 }
 
+at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
+                                 int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
+                                 int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
+                                 at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
+                                 double momentum, double freeze_threshold, bool update) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t numel = x.numel();
+  if (numel == 0) return y;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fq_tracked", [&] {
+    fake_quantize_tracked_kernel<scalar_t><<<blocks_for(numel, kThreads), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<float>(),
+        last_int.data_ptr<int8_t>(), last_dir.data_ptr<int8_t>(), frozen.data_ptr<bool>(),
+        osc_freq.data_ptr<float>(), int_ema.data_ptr<float>(), numel, n_groups, inner,
+        static_cast<float>(L), static_cast<float>(lo), static_cast<float>(hi),
+        static_cast<float>(momentum), static_cast<float>(1.0 - momentum),
+        static_cast<float>(freeze_threshold), update);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                                  int64_t inner, bool is_signed, int64_t mode) {
+                                  int64_t inner, bool is_signed, int64_t mode,
+                                  const at::Tensor& frozen) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t numel = x.numel();
@@ -150,7 +227,8 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
         auto launch = [&](auto kernel) {
           kernel<<<blocks_for(n_chunks, kThreads), kThreads, 0, stream>>>(
               grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-              scale.data_ptr<float>(), numel, n_groups, inner);
+              scale.data_ptr<float>(),
+              frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr, numel, n_groups, inner);
         };
         if (mode == kSte) {
           launch(fake_quantize_backward_kernel<scalar_t, V, S, kSte>);

@@ -34,10 +34,21 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::
                                                  int64_t L, int64_t lo, int64_t hi,
                                                  bool is_signed, bool with_mask);
 
-// grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3). grad has x's dtype.
+// fake_quantize that also updates the oscillation state of every element in place (int8
+// last_int and last_dir, bool frozen, float32 osc_freq and int_ema, all contiguous like x) and
+// outputs frozen elements at their kept level (octav_kernels.reference.fake_quantize_tracked).
+at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
+                                 int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
+                                 int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
+                                 at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
+                                 double momentum, double freeze_threshold, bool update);
+
+// grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3), 0 where the bool mask frozen is
+// set (an empty frozen: no mask). grad has x's dtype.
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                                  int64_t inner, bool is_signed, int64_t mode);
+                                  int64_t inner, bool is_signed, int64_t mode,
+                                  const at::Tensor& frozen);
 
 // grad_x = grad where the PWL mask bit is set, else 0.
 at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask);

@@ -40,13 +40,19 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def quantize(x, s, step, lo, hi):
-    """SPEC §1 in float32: ``clamp(round(x / step), lo, hi) * step`` (``step = s / L``), 0 where
-    s == 0; IEEE division (``div_rn``) so results match the CPU kernels bit for bit."""
+def grid_level(x, step, lo, hi):
+    """SPEC §1's integer level ``clamp(round(x / step), lo, hi)`` in float32; IEEE division
+    (``div_rn``) so results match the CPU kernels bit for bit. NaN stays NaN."""
     v = tl.math.div_rn(x, step)
     # Clamp to one level beyond the grid first so the magic-number rounding is exact; the
     # comparisons leave NaN untouched.
     v = tl.where(v < lo - 1.0, lo - 1.0, tl.where(v > hi + 1.0, hi + 1.0, v))
     v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
-    v = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
-    return tl.where(s == 0, 0.0, v * step)
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def quantize(x, s, step, lo, hi):
+    """SPEC §1 in float32: ``clamp(round(x / step), lo, hi) * step`` (``step = s / L``), 0 where
+    s == 0."""
+    return tl.where(s == 0, 0.0, grid_level(x, step, lo, hi) * step)

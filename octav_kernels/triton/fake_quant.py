@@ -1,4 +1,6 @@
-"""Triton kernels for the clip-quantize forward and its STE / PWL / MAD backward (SPEC §1, §3).
+"""Triton kernels for the clip-quantize forward and its STE / PWL / MAD backward (SPEC §1, §3),
+and the weight forward that also tracks oscillations and freezes weights
+(``octav_kernels.reference.fake_quantize_tracked``).
 
 Elementwise over the flat contiguous tensor; element ``k`` uses ``scale[(k // inner) % n_groups]``.
 Divisions use ``div_rn`` (IEEE round-to-nearest) so results match the CPU kernels bit for bit.
@@ -11,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._args import GRADS, groups, levels
-from ._common import check_dtype, exact_bf16_store, quantize, round_to_bf16
+from ._common import check_dtype, exact_bf16_store, grid_level, quantize, round_to_bf16
 
 _BLOCK = 1024
 
@@ -30,9 +32,49 @@ def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo
 
 
 @triton.jit
-def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, numel, n_groups, inner,
-                                   SIGNED: tl.constexpr, MODE: tl.constexpr,
-                                   ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _fake_quantize_tracked_kernel(x_ptr, y_ptr, scale_ptr, level_ptr, dir_ptr, frozen_ptr,
+                                  freq_ptr, ema_ptr, numel, n_groups, inner, L, lo, hi, m, keep,
+                                  threshold, UPDATE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = k < numel
+    s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
+    x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
+    step = tl.math.div_rn(s, L)
+    v = tl.where(s == 0, 0.0, grid_level(x, step, lo, hi))  # the integer level (NaN for NaN x)
+    last = tl.load(level_ptr + k, mask=valid, other=0).to(tl.int32)
+    frozen = tl.load(frozen_ptr + k, mask=valid, other=0) != 0
+    if UPDATE:
+        live = valid & ~frozen & (v == v)
+        level = tl.where(v == v, v, 0.0).to(tl.int32)
+        d = (level > last).to(tl.int32) - (level < last).to(tl.int32)
+        last_dir = tl.load(dir_ptr + k, mask=valid, other=0).to(tl.int32)
+        oscillated = (d != 0) & (last_dir != 0) & (d != last_dir)
+        freq = keep * tl.load(freq_ptr + k, mask=valid, other=0.0) + tl.where(oscillated, m, 0.0)
+        ema = keep * tl.load(ema_ptr + k, mask=valid, other=0.0) + m * level.to(tl.float32)
+        freeze = live & (threshold > 0) & (freq > threshold)
+        # |ema| <= 2**7, so the magic-number rounding (ties to even) is exact.
+        r = (ema + 12582912.0) - 12582912.0
+        r = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
+        kept = tl.where(freeze, r.to(tl.int32), level)
+        tl.store(dir_ptr + k, tl.where(d != 0, d, last_dir).to(tl.int8), mask=live)
+        tl.store(level_ptr + k, kept.to(tl.int8), mask=live)
+        tl.store(freq_ptr + k, freq, mask=live)
+        tl.store(ema_ptr + k, ema, mask=live)
+        tl.store(frozen_ptr + k, tl.full(k.shape, 1, tl.uint8), mask=freeze)
+        frozen = frozen | freeze
+        last = tl.where(live, kept, last)
+    q = tl.where(s == 0, 0.0, tl.where(frozen, last.to(tl.float32), v) * step)
+    if ROUND_BF16:
+        q = round_to_bf16(q)
+    tl.store(y_ptr + k, q.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_groups,
+                                   inner, SIGNED: tl.constexpr, MODE: tl.constexpr,
+                                   FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
+                                   BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = k < numel
     g = tl.load(g_ptr + k, mask=valid, other=0.0).to(tl.float32)
@@ -54,6 +96,8 @@ def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, numel, n_gr
         else:  # mad: g * s / |x| outside
             ratio = tl.math.div_rn(s, tl.where(inside | below, 1.0, a))
             out = tl.where(inside, g, tl.where(below, 0.0, g * ratio))
+    if FROZEN:  # frozen weights get no gradient
+        out = tl.where(tl.load(frozen_ptr + k, mask=valid, other=0) != 0, 0.0, out)
     if ROUND_BF16:
         out = round_to_bf16(out)
     tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=valid)
@@ -73,14 +117,38 @@ def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
-                           grad="mad"):
+                           grad="mad", frozen=None):
     check_dtype(x)
     g = groups(x, dim, group_size)
     x = x.contiguous()
     grad_out = grad_out.to(x.dtype).contiguous()
     out = torch.empty_like(x)
+    mask = x if frozen is None else frozen.contiguous().view(torch.uint8)  # x: never read
     _fake_quantize_backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
-        grad_out, x, out, scale.reshape(-1).float().contiguous(), x.numel(), g.n_groups, g.inner,
-        SIGNED=signed, MODE=GRADS.index(grad), ROUND_BF16=exact_bf16_store(x.dtype),
-        BLOCK=_BLOCK)
+        grad_out, x, out, scale.reshape(-1).float().contiguous(), mask, x.numel(), g.n_groups,
+        g.inner, SIGNED=signed, MODE=GRADS.index(grad), FROZEN=frozen is not None,
+        ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
     return out
+
+
+def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
+                          frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+    check_dtype(x)
+    g = groups(x, dim, group_size)
+    L, lo, hi = levels(bits, signed, narrow)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    # float32 constants as the reference rounds them; no FMA contraction (enable_fp_fusion), so
+    # the EMA updates round like the reference's separate products and sums.
+    _fake_quantize_tracked_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+        x, y, scale.reshape(-1).float().contiguous(), last_int, last_dir,
+        frozen.view(torch.uint8), osc_freq, int_ema, x.numel(), g.n_groups, g.inner, float(L),
+        float(lo), float(hi), _f32(momentum), _f32(1.0 - momentum), _f32(freeze_threshold),
+        UPDATE=update, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK,
+        enable_fp_fusion=False)
+    return y
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (as a Python float, which Triton passes as fp32 exactly)."""
+    return torch.tensor(value, dtype=torch.float32).item()

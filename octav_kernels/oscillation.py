@@ -1,0 +1,301 @@
+"""Weight oscillations in low-bit QAT (Nagel et al., "Overcoming Oscillations in
+Quantization-Aware Training", ICML 2022): tracking, dampening and iterative freezing.
+
+In low-bit QAT a latent weight near a rounding boundary can flip between two grid levels step
+after step; the flips corrupt BatchNorm statistics and cost accuracy. Three tools:
+
+- **tracking** (``fake_quantize_tracked``): per weight, its integer level at every step, the
+  direction of its last change and an EMA of how often the direction reverses (the oscillation
+  frequency), plus an EMA of the level itself; updated inside the weight fake-quant kernel
+  (one pass, no extra torch ops). State: ``OscillationState`` (11 bytes per weight).
+- **dampening** (``dampening_loss``): ``lambda * sum((q(w).detach() - clip(w))**2)`` pulls
+  latent weights towards their grid level.
+- **iterative freezing**: a weight whose frequency exceeds a threshold is frozen at the
+  rounded EMA of its level until the end of training: its output stays at that level and its
+  gradient is zero (in the same kernels).
+
+A changing scale (dynamic OCTAV recomputes it every step) is handled by comparing integer
+levels only: a level change caused by the scale counts like one caused by the weight; a
+frozen weight keeps its integer level and follows the scale (``level * step``).
+
+Trainers use ``OscillationControl``, which turns tracking on in a converted model's weight
+quantizers and drives the threshold and lambda schedules (``Ramp``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _args, reference
+from .ops import _check_types
+
+REDUCTIONS = ("sum", "mean", "kernel_mean")
+
+
+@dataclass
+class OscillationState:
+    """Per-element oscillation state of one weight (all of the weight's shape and device).
+
+    ``last_int`` int8: the integer level at the last tracked step (the frozen level once
+    frozen); ``last_dir`` int8: -1/0/+1, the direction of the last change; ``frozen`` bool;
+    ``osc_freq`` float32: EMA of "the direction reversed"; ``int_ema`` float32: EMA of the level.
+    """
+
+    last_int: torch.Tensor
+    last_dir: torch.Tensor
+    frozen: torch.Tensor
+    osc_freq: torch.Tensor
+    int_ema: torch.Tensor
+
+    @classmethod
+    def start(cls, x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
+              dim: int | None = None, group_size: int | None = None,
+              narrow: bool = False) -> OscillationState:
+        """The state before the first tracked step: ``x``'s levels on ``scale``'s grid, no
+        direction, frequency 0, nothing frozen."""
+        _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
+                     (("scale", scale),))
+        _args.check_tracked_bits(_args.check_bits(bits), signed)
+        g = _args.groups(x, dim, group_size)
+        scale = _args.check_scale(scale, x, g)
+        level = reference.integer_levels(x.detach(), scale, bits, signed, g.dim, g.group_size,
+                                         narrow).contiguous()
+        return cls(level, torch.zeros_like(level), torch.zeros_like(level, dtype=torch.bool),
+                   torch.zeros_like(level, dtype=torch.float32), level.float())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.last_int, self.last_dir, self.frozen, self.osc_freq, self.int_ema)
+
+
+class _TrackedFakeQuantize(torch.autograd.Function):
+    """fake_quantize_tracked with the clip-quantize gradient of ``grad`` masked by ``frozen``
+    (both in the kernels). The state is updated by the forward; the backward reads the frozen
+    mask as the forward left it."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits, signed, dim, group_size, grad, narrow, last_int, last_dir,
+                frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+        y = torch.ops.octav.fake_quantize_tracked(
+            x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, frozen,
+            osc_freq, int_ema, momentum, freeze_threshold, update)
+        ctx.save_for_backward(x, scale, frozen)
+        ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale, frozen = ctx.saved_tensors
+        grad_x = torch.ops.octav.fake_quantize_backward(
+            grad_y, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad, frozen)
+        return (grad_x,) + (None,) * 15
+
+
+def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
+                          state: OscillationState, *, signed: bool = True,
+                          dim: int | None = None, group_size: int | None = None,
+                          grad: str = "mad", narrow: bool = False, momentum: float = 0.01,
+                          freeze_threshold: float = 0.0, update: bool = True) -> torch.Tensor:
+    """``fake_quantize`` of a weight that also tracks its oscillations (and freezes weights),
+    in one pass; updates ``state`` in place (``update=False``: only applies the frozen levels,
+    as in eval). Per element, with ``n`` its level this step and ``m = momentum``::
+
+        d = sign(n - last_int);  oscillated = d != 0 and last_dir != 0 and d != last_dir
+        osc_freq = (1 - m) osc_freq + m oscillated;  int_ema = (1 - m) int_ema + m n
+        freeze where freeze_threshold > 0 and osc_freq > freeze_threshold, at
+        clamp(round(int_ema)); a frozen weight outputs its kept level and gets no gradient.
+
+    Levels are int8: signed bits <= 8, unsigned <= 7. ``reference.fake_quantize_tracked`` is
+    the definition.
+    """
+    _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
+                                            ("update", update)), (("scale", scale),))
+    _args.check_grad(grad)
+    if not isinstance(state, OscillationState):
+        raise TypeError(f"state must be an OscillationState, got {type(state).__name__}")
+    return _TrackedFakeQuantize.apply(x, scale, bits, signed, dim, group_size, grad, narrow,
+                                      *state.tensors(), _args.check_momentum(momentum),
+                                      _args.check_threshold(freeze_threshold,
+                                                            "freeze_threshold"), update)
+
+
+def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
+                   dim: int | None = None, group_size: int | None = None,
+                   narrow: bool = False, reduction: str = "sum",
+                   frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """Oscillation dampening (Nagel et al., eq. 6): ``(q(w).detach() - clip(w))**2`` with
+    ``q`` the fake-quantizer of ``scale`` and ``clip(w)`` w clamped to the grid's range
+    ``[lo * step, hi * step]``, reduced by ``reduction``: ``"sum"``, ``"mean"`` or
+    ``"kernel_mean"`` (summed over each output channel, dim 0, then averaged over channels).
+    Its gradient, ``2 (clip(w) - q(w))`` inside the range, pulls each weight to the centre of
+    its bin. Frozen weights (``frozen``) are left out. float32 scalar, differentiable in ``w``.
+    """
+    _check_types(w, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
+                 (("scale", scale), ("frozen", frozen)))
+    _args.check_bits(bits)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    g = _args.groups(w, dim, group_size)
+    scale = _args.check_scale(scale, w, g).detach()
+    if reduction == "kernel_mean" and w.dim() == 0:
+        raise ValueError("reduction='kernel_mean' needs a weight with an output-channel dim")
+    L, lo, hi = _args.levels(bits, signed, narrow)
+    step = reference._broadcast(scale, w, g.dim, g.group_size) / torch.tensor(
+        L, dtype=torch.float32, device=w.device)
+    wf = w.float()
+    q = reference.quantize_to_grid(wf.detach(), step, lo, hi)
+    error = (q - torch.clamp(wf, lo * step, hi * step)).square()
+    if frozen is not None:
+        _args.check_state(frozen, w, torch.bool, "frozen")
+        error = torch.where(frozen, torch.zeros((), device=w.device), error)
+    if reduction == "sum":
+        return error.sum()
+    if reduction == "mean":
+        return error.mean()
+    return error.reshape(w.shape[0], -1).sum(1).mean()
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A schedule over training steps: 0 before ``start_step``; from ``start`` at
+    ``start_step`` to ``end`` at ``end_step`` by ``kind`` (``"cosine"``: half a cosine,
+    ``"linear"``, or ``"constant"``: ``start`` throughout); ``end`` after ``end_step``.
+
+    Freezing threshold (0 is off): e.g. ``Ramp(0.04, 0.01, start_step=500, end_step=3000)``;
+    dampening lambda: ``Ramp(0.0, 1e-3, end_step=3000)``.
+    """
+
+    start: float
+    end: float | None = None
+    start_step: int = 0
+    end_step: int | None = None
+    kind: str = "cosine"
+
+    def __post_init__(self):
+        if self.kind not in ("cosine", "linear", "constant"):
+            raise ValueError(f"kind must be 'cosine', 'linear' or 'constant', got {self.kind!r}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.kind != "constant" and (self.end is None or self.end_step is None):
+            raise ValueError(f"a {self.kind} ramp needs end and end_step")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be after start_step "
+                             f"({self.start_step})")
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if self.kind == "constant":
+            return float(self.start)
+        t = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
+        if self.kind == "cosine":
+            t = (1.0 - math.cos(math.pi * t)) / 2.0
+        return float(self.start + (self.end - self.start) * t)
+
+
+def _as_schedule(value, name: str) -> Ramp | None:
+    if value is None or isinstance(value, Ramp):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a Ramp or None, got {type(value).__name__}")
+    return Ramp(float(value), kind="constant")
+
+
+class OscillationControl:
+    """Oscillation tracking, dampening and freezing for the weights of a converted model
+    (``quantize_model``): turns tracking on in every quantized layer's weight quantizer and
+    drives the schedules. In the training loop::
+
+        control = OscillationControl(model, freeze=Ramp(0.04, 0.01, 200, 2000),
+                                     dampening=Ramp(0.0, 1e-3, end_step=2000))
+        for x, y in batches:
+            loss = criterion(model(x), y) + control.dampening_loss()
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            control.step()
+
+    Args:
+        model: a model with quantized layers.
+        momentum: EMA momentum of the oscillation frequency and of the integer level (the
+            paper's 0.01).
+        freeze: the freezing threshold, a number or a ``Ramp`` over steps; 0 / None is off.
+        dampening: lambda of the dampening loss, a number or a ``Ramp``; 0 / None is off.
+        reduction: of the dampening loss per weight, ``"sum"``, ``"mean"``, ``"kernel_mean"``.
+
+    ``step()`` counts optimizer steps (saved by ``state_dict``); the per-weight state lives in
+    the quantizers' buffers (the model's ``state_dict``).
+    """
+
+    def __init__(self, model: nn.Module, *, momentum: float = 0.01,
+                 freeze: float | Ramp | None = None, dampening: float | Ramp | None = None,
+                 reduction: str = "sum"):
+        from .nn import _QuantLayer
+        from .qat import name_quantizers
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        name_quantizers(model)
+        self.layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
+        self.quantizers = [m.weight_quantizer for m in self.layers]
+        if not self.quantizers:
+            raise ValueError("model has no quantized layers; call quantize_model first")
+        self.momentum = _args.check_momentum(momentum)
+        self.freeze = _as_schedule(freeze, "freeze")
+        self.dampening = _as_schedule(dampening, "dampening")
+        self.reduction = reduction
+        self.steps = 0
+        for q in self.quantizers:
+            q.track_oscillations(self.momentum)
+        self._apply_threshold()
+
+    def _apply_threshold(self) -> None:
+        threshold = self.freeze(self.steps) if self.freeze is not None else 0.0
+        for q in self.quantizers:
+            q.freeze_threshold = threshold
+
+    def step(self) -> None:
+        """Advance the schedules by one training step."""
+        self.steps += 1
+        self._apply_threshold()
+
+    @property
+    def dampening_weight(self) -> float:
+        """lambda at the current step."""
+        return self.dampening(self.steps) if self.dampening is not None else 0.0
+
+    def dampening_loss(self) -> torch.Tensor:
+        """``lambda * sum over the quantized layers of dampening_loss(weight)`` at the scales of
+        their last forward (call it after the model's forward); a zero tensor when lambda is
+        0."""
+        lam = self.dampening_weight
+        device = self.layers[0].weight.device
+        if lam == 0.0:
+            return torch.zeros((), device=device)
+        total = torch.zeros((), device=device)
+        for layer in self.layers:
+            total = total + layer.weight_quantizer.dampening_loss(layer.weight_as_quantized(),
+                                                                  self.reduction)
+        return lam * total
+
+    def frozen_fraction(self) -> dict[str, float]:
+        """Fraction of each weight's elements that are frozen, by quantizer path."""
+        return {q.name: q.frozen_fraction() for q in self.quantizers}
+
+    def oscillating_fraction(self, threshold: float = 0.01) -> dict[str, float]:
+        """Fraction of each weight's elements whose oscillation frequency EMA exceeds
+        ``threshold`` (0.01: more than one reversal per 100 steps on average)."""
+        return {q.name: q.oscillating_fraction(threshold) for q in self.quantizers}
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self._apply_threshold()
