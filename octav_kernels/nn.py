@@ -160,11 +160,11 @@ class Quantizer(nn.Module):
         return float(self.osc_frozen.float().mean())
 
     def oscillating_fraction(self, threshold: float = 0.01) -> float:
-        """Fraction of the tracked elements whose oscillation frequency EMA exceeds
-        ``threshold``."""
+        """Fraction of the tracked elements that are not frozen and whose oscillation frequency
+        EMA exceeds ``threshold`` (a frozen element keeps the frequency it froze at)."""
         if not self.tracking or self.osc_freq.numel() == 0:
             return 0.0
-        return float((self.osc_freq > threshold).float().mean())
+        return float(((self.osc_freq > threshold) & ~self.osc_frozen).float().mean())
 
     def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """``oscillation.dampening_loss`` of ``w`` (this quantizer's input, e.g. the layer's

@@ -289,8 +289,8 @@ class OscillationControl:
         return {q.name: q.frozen_fraction() for q in self.quantizers}
 
     def oscillating_fraction(self, threshold: float = 0.01) -> dict[str, float]:
-        """Fraction of each weight's elements whose oscillation frequency EMA exceeds
-        ``threshold`` (0.01: more than one reversal per 100 steps on average)."""
+        """Fraction of each weight's elements that are not frozen and whose oscillation
+        frequency EMA exceeds ``threshold`` (0.01: more than one reversal per 100 steps)."""
         return {q.name: q.oscillating_fraction(threshold) for q in self.quantizers}
 
     def state_dict(self) -> dict:
