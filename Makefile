@@ -28,10 +28,12 @@ bench: $(VENV)/.built
 	$(PY) bench/bench_octav.py --out bench/results/cpu_octav.md
 	$(PY) bench/bench_fake_quant.py --out bench/results/cpu_fake_quant.md
 	$(PY) bench/bench_refine.py --out bench/results/cpu_refine.md
+	$(PY) bench/bench_oscillation.py --out bench/results/cpu_oscillation.md
 
-# The end-to-end QAT demo (scikit-learn digits, ~5 min on 2 cores).
+# The end-to-end QAT demos (scikit-learn digits, ~5 + ~4 min on 2 cores).
 demo: $(VENV)/.built
 	$(PY) bench/qat_digits.py --out bench/results/cpu_qat_digits.md
+	$(PY) bench/qat_oscillations.py --out bench/results/cpu_qat_oscillations.md
 
 cuda-build: $(CUDA_VENV)/.deps
 	CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" OCTAV_FORCE_CUDA=1 \

@@ -3,7 +3,8 @@
 # kept between calls while the machine stays warm):
 #   checks: build the CUDA kernels, the GPU parity suite (compiled Triton + CUDA against the
 #           reference), the >2^31-element test, compute-sanitizer memcheck and racecheck (~5 min);
-#   bench:  the GPU benchmark -> gpu_bench.md + gpu_bandwidth.png for bench/results/ (~5 min).
+#   bench:  the GPU benchmark -> gpu_bench.md + gpu_bandwidth.png, and the oscillation-tracking
+#           benchmark -> gpu_oscillation.md, for bench/results/ (~6 min).
 # Logs and tables go to $OUT (default gpu-out). From the repository root on the GPU machine:
 #
 #     bash bench/gpu_session.sh checks
@@ -48,4 +49,7 @@ step "benchmark"
 timeout 330 python3 bench/bench_gpu.py --repeats 10 --commit "$commit" --out "$OUT/gpu_bench.md" \
   --plot "$OUT/gpu_bandwidth.png" > "$OUT/bench_stdout.log" 2> "$OUT/bench_stderr.log"
 tail -12 "$OUT/gpu_bench.md"
+timeout 120 python3 bench/bench_oscillation.py --device cuda --commit "$commit" \
+  --out "$OUT/gpu_oscillation.md" > /dev/null 2> "$OUT/oscillation_stderr.log"
+tail -6 "$OUT/gpu_oscillation.md"
 fi
