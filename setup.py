@@ -51,8 +51,9 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # No -ffast-math / --use_fast_math: the kernels rely on IEEE division, round-half-even and
-    # NaN tests.
-    cxx = ["-O3", "-march=x86-64-v2", "-fopenmp"]
+    # NaN tests; no FMA contraction (-ffp-contract=off), so products and sums round one by one
+    # as in the reference on any target.
+    cxx = ["-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fopenmp"]
     link = ["-fopenmp"]
     sanitizer = os.environ.get("OCTAV_SANITIZE")
     if sanitizer:

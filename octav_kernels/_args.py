@@ -211,6 +211,16 @@ def check_momentum(momentum: object) -> float:
     return float(momentum)
 
 
+def check_scalar_tensor(value: object, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A 0-dim float32 tensor on x's device (a per-step setting read by a kernel)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.float32 or value.dim() != 0 or value.device != x.device:
+        raise ValueError(f"{name} must be a 0-dim float32 tensor on {x.device}, got "
+                         f"{value.dtype} of shape {list(value.shape)} on {value.device}")
+    return value
+
+
 def check_threshold(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

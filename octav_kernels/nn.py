@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from . import _args, distributed
+from . import _args, distributed, reference
 from .calibrate import Calibrator, MaxCalibrator, OctavCalibrator, make_calibrator
 from .ops import fake_quantize, octav_fake_quantize
 from .oscillation import OscillationState, dampening_loss, fake_quantize_tracked
@@ -118,7 +118,6 @@ class Quantizer(nn.Module):
         self._calibration: tuple[torch.Tensor, int] | None = None
         self.register_buffer("scale", torch.empty(0))
         self.momentum: float | None = None  # oscillation tracking off
-        self.freeze_threshold = 0.0
 
     # -- oscillation tracking ---------------------------------------------------------------
 
@@ -140,6 +139,23 @@ class Quantizer(nn.Module):
             device = self.scale.device
             for name, dtype in _OSC_BUFFERS.items():
                 self.register_buffer(name, torch.empty(0, dtype=dtype, device=device))
+            # Set by the schedule every step (OscillationControl); not part of the state.
+            self.register_buffer("osc_threshold", torch.zeros((), device=device),
+                                 persistent=False)
+
+    @property
+    def freeze_threshold(self) -> float:
+        """The oscillation frequency above which a weight freezes (0: freezing off); stored
+        as a tensor, so a schedule that changes it does not recompile a compiled model."""
+        return float(self.osc_threshold) if self.tracking else 0.0
+
+    @freeze_threshold.setter
+    def freeze_threshold(self, value: float) -> None:
+        if not self.tracking:
+            raise RuntimeError(f"{self.name}: call track_oscillations() before setting "
+                               "freeze_threshold")
+        with torch.no_grad():
+            self.osc_threshold.fill_(_args.check_threshold(value, "freeze_threshold"))
 
     def _oscillation_state(self, x, scale) -> OscillationState:
         if self.osc_last_int.shape != x.shape:
@@ -165,6 +181,20 @@ class Quantizer(nn.Module):
         if not self.tracking or self.osc_freq.numel() == 0:
             return 0.0
         return float(((self.osc_freq > threshold) & ~self.osc_frozen).float().mean())
+
+    def write_frozen(self, w: torch.Tensor) -> int:
+        """Set the frozen elements of ``w`` (this quantizer's input, e.g. the layer's weight
+        viewed as it quantizes it) to their kept level on the current grid, in place; returns
+        how many were set."""
+        if not self.tracking or self.osc_frozen.shape != w.shape:
+            return 0
+        L = _args.levels(self.bits, bool(self.signed), self.narrow)[0]
+        with torch.no_grad():
+            step = reference._broadcast(self.scale, w, self.dim, self.group_size) / torch.full(
+                (), float(L), device=w.device)
+            w.copy_(torch.where(self.osc_frozen, (self.osc_last_int.float() * step).to(w.dtype),
+                                w))
+        return int(self.osc_frozen.sum())
 
     def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """``oscillation.dampening_loss`` of ``w`` (this quantizer's input, e.g. the layer's
@@ -200,22 +230,31 @@ class Quantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         extra = state_dict.get(prefix + "_extra_state") or {}
-        if prefix + "osc_last_int" in state_dict and not self.tracking:
+        saved_tracking = prefix + "osc_last_int" in state_dict
+        if saved_tracking and not self.tracking:
             self.track_oscillations(extra.get("momentum") or 0.01)
         for name in ("scale", *(_OSC_BUFFERS if self.tracking else ())):
             saved, mine = state_dict.get(prefix + name), getattr(self, name)
+            if name != "scale" and not saved_tracking:  # an untracked checkpoint: start over
+                saved = torch.empty(0)
             if isinstance(saved, torch.Tensor) and saved.shape != mine.shape:
                 setattr(self, name, torch.empty(saved.shape, dtype=mine.dtype,
                                                 device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self.tracking and not saved_tracking:  # the state restarts at the next forward
+            for name in _OSC_BUFFERS:
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
 
     def _apply(self, fn, recurse=True):
-        kept = {name: getattr(self, name) for name in ("scale", "osc_freq", "osc_int_ema")
+        kept = {name: getattr(self, name) for name in ("scale", *_OSC_BUFFERS, "osc_threshold")
                 if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
-        for name, tensor in kept.items():  # follow device moves, stay float32
-            setattr(self, name, tensor.to(getattr(self, name).device))
+        # Follow device moves only: the scale and the EMAs stay float32 when the model is cast,
+        # and the state stays contiguous (the kernels update it in place) under channels_last.
+        for name, tensor in kept.items():
+            setattr(self, name, tensor.to(getattr(self, name).device).contiguous())
         return self
 
     def extra_repr(self) -> str:
@@ -250,7 +289,7 @@ class Quantizer(nn.Module):
             return fake_quantize_tracked(
                 x, scale, self.bits, state, signed=self.signed, dim=self.dim,
                 group_size=self.group_size, grad=self.grad, narrow=self.narrow,
-                momentum=self.momentum, freeze_threshold=self.freeze_threshold,
+                momentum=self.momentum, freeze_threshold=self.osc_threshold,
                 update=self.training)
         return fake_quantize(x, scale, self.bits, signed=self._signed_for(x), dim=self.dim,
                              group_size=self.group_size, grad=self.grad, narrow=self.narrow)

@@ -202,7 +202,9 @@ _fake_quantize.register_autograd(_fake_quantize_grad, setup_context=_fake_quanti
 
 # ---------------------------------------------------------------------------------------------
 # octav::fake_quantize_tracked: the weight fake-quant that also tracks oscillations and freezes
-# weights (reference.fake_quantize_tracked), in one pass that updates the state in place. Its
+# weights (reference.fake_quantize_tracked), in one pass that updates the state in place. The
+# threshold is a 0-dim float32 tensor on x's device, so a schedule that changes it every step
+# does not recompile a torch.compile'd model. Its
 # autograd (the backward with the frozen mask) is octav_kernels.oscillation's, since torch.library
 # registers autograd only for ops that mutate nothing.
 
@@ -217,7 +219,7 @@ def _check_tracked(x, scale, bits, signed, dim, group_size, narrow, state, momen
     for (name, dtype), tensor in zip(_TRACKED_STATE, state):
         _args.check_state(tensor, x, dtype, name, contiguous=True)
     _args.check_momentum(momentum)
-    _args.check_threshold(freeze_threshold, "freeze_threshold")
+    _args.check_scalar_tensor(freeze_threshold, x, "freeze_threshold")
     return g, scale
 
 
@@ -226,7 +228,7 @@ def _check_tracked(x, scale, bits, signed, dim, group_size, narrow, state, momen
     mutates_args=("last_int", "last_dir", "frozen", "osc_freq", "int_ema"),
     schema="(Tensor x, Tensor scale, int bits, bool signed, int? dim, int? group_size, "
            "bool narrow, Tensor(a!) last_int, Tensor(b!) last_dir, Tensor(c!) frozen, "
-           "Tensor(d!) osc_freq, Tensor(e!) int_ema, float momentum, float freeze_threshold, "
+           "Tensor(d!) osc_freq, Tensor(e!) int_ema, float momentum, Tensor freeze_threshold, "
            "bool update) -> Tensor")
 def _fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
                            frozen, osc_freq, int_ema, momentum, freeze_threshold, update):

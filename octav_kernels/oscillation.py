@@ -25,6 +25,7 @@ quantizers and drives the threshold and lambda schedules (``Ramp``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ class OscillationState:
         _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                      (("scale", scale),))
         _args.check_tracked_bits(_args.check_bits(bits), signed)
+        _args.check_narrow(narrow, signed)
         g = _args.groups(x, dim, group_size)
         scale = _args.check_scale(scale, x, g)
         level = reference.integer_levels(x.detach(), scale, bits, signed, g.dim, g.group_size,
@@ -73,8 +75,9 @@ class OscillationState:
 
 class _TrackedFakeQuantize(torch.autograd.Function):
     """fake_quantize_tracked with the clip-quantize gradient of ``grad`` masked by ``frozen``
-    (both in the kernels). The state is updated by the forward; the backward reads the frozen
-    mask as the forward left it."""
+    (both in the kernels). The state is updated by the forward; the backward reads a copy of the
+    frozen mask as this forward left it (1 byte per weight), so a second forward through the
+    same weight before the backward (a shared layer) does not invalidate it."""
 
     @staticmethod
     def forward(ctx, x, scale, bits, signed, dim, group_size, grad, narrow, last_int, last_dir,
@@ -82,7 +85,7 @@ class _TrackedFakeQuantize(torch.autograd.Function):
         y = torch.ops.octav.fake_quantize_tracked(
             x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, frozen,
             osc_freq, int_ema, momentum, freeze_threshold, update)
-        ctx.save_for_backward(x, scale, frozen)
+        ctx.save_for_backward(x, scale, frozen.clone())
         ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
         return y
 
@@ -91,14 +94,15 @@ class _TrackedFakeQuantize(torch.autograd.Function):
         x, scale, frozen = ctx.saved_tensors
         grad_x = torch.ops.octav.fake_quantize_backward(
             grad_y, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad, frozen)
-        return (grad_x,) + (None,) * 15
+        return (grad_x,) + (None,) * 15  # state, threshold and flags get no gradient
 
 
 def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
                           state: OscillationState, *, signed: bool = True,
                           dim: int | None = None, group_size: int | None = None,
                           grad: str = "mad", narrow: bool = False, momentum: float = 0.01,
-                          freeze_threshold: float = 0.0, update: bool = True) -> torch.Tensor:
+                          freeze_threshold: float | torch.Tensor = 0.0,
+                          update: bool = True) -> torch.Tensor:
     """``fake_quantize`` of a weight that also tracks its oscillations (and freezes weights),
     in one pass; updates ``state`` in place (``update=False``: only applies the frozen levels,
     as in eval). Per element, with ``n`` its level this step and ``m = momentum``::
@@ -108,18 +112,23 @@ def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
         freeze where freeze_threshold > 0 and osc_freq > freeze_threshold, at
         clamp(round(int_ema)); a frozen weight outputs its kept level and gets no gradient.
 
-    Levels are int8: signed bits <= 8, unsigned <= 7. ``reference.fake_quantize_tracked`` is
-    the definition.
+    Levels are int8: signed bits <= 8, unsigned <= 7. ``freeze_threshold`` is a number or a
+    0-dim float32 tensor on x's device (compared in float32; a tensor that a schedule updates
+    in place does not recompile a compiled model). ``reference.fake_quantize_tracked`` is the
+    definition.
     """
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
                                             ("update", update)), (("scale", scale),))
     _args.check_grad(grad)
     if not isinstance(state, OscillationState):
         raise TypeError(f"state must be an OscillationState, got {type(state).__name__}")
+    if not isinstance(freeze_threshold, torch.Tensor):  # (torch.full: no host-to-device copy)
+        freeze_threshold = torch.full((), _args.check_threshold(freeze_threshold,
+                                                                "freeze_threshold"),
+                                      dtype=torch.float32, device=x.device)
     return _TrackedFakeQuantize.apply(x, scale, bits, signed, dim, group_size, grad, narrow,
                                       *state.tensors(), _args.check_momentum(momentum),
-                                      _args.check_threshold(freeze_threshold,
-                                                            "freeze_threshold"), update)
+                                      freeze_threshold, update)
 
 
 def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
@@ -136,6 +145,7 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
     _check_types(w, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale), ("frozen", frozen)))
     _args.check_bits(bits)
+    _args.check_narrow(narrow, signed)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     g = _args.groups(w, dim, group_size)
@@ -143,8 +153,8 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
     if reduction == "kernel_mean" and w.dim() == 0:
         raise ValueError("reduction='kernel_mean' needs a weight with an output-channel dim")
     L, lo, hi = _args.levels(bits, signed, narrow)
-    step = reference._broadcast(scale, w, g.dim, g.group_size) / torch.tensor(
-        L, dtype=torch.float32, device=w.device)
+    step = reference._broadcast(scale, w, g.dim, g.group_size) / torch.full(
+        (), float(L), device=w.device)  # a tensor divisor (see reference.fake_quantize)
     wf = w.float()
     q = reference.quantize_to_grid(wf.detach(), step, lo, hi)
     error = (q - torch.clamp(wf, lo * step, hi * step)).square()
@@ -179,9 +189,15 @@ class Ramp:
             raise ValueError(f"kind must be 'cosine', 'linear' or 'constant', got {self.kind!r}")
         for name in ("start", "end"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value is None and name == "end":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        _args.check_int(self.start_step, "start_step")
+        if self.end_step is not None:
+            _args.check_int(self.end_step, "end_step")
         if self.kind != "constant" and (self.end is None or self.end_step is None):
             raise ValueError(f"a {self.kind} ramp needs end and end_step")
         if self.end_step is not None and self.end_step <= self.start_step:
@@ -242,10 +258,20 @@ class OscillationControl:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         name_quantizers(model)
-        self.layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
+        self.layers, skipped = [], []
+        for m in model.modules():
+            if isinstance(m, _QuantLayer):
+                q = m.weight_quantizer
+                fits = q.bits <= (8 if q.signed is not False else 7)
+                (self.layers if fits else skipped).append(m)
+        if skipped:
+            warnings.warn("OscillationControl: not tracked (levels of more than 8 bits do not fit "
+                          "the int8 state): " + ", ".join(m.weight_quantizer.name
+                                                          for m in skipped), stacklevel=2)
         self.quantizers = [m.weight_quantizer for m in self.layers]
         if not self.quantizers:
-            raise ValueError("model has no quantized layers; call quantize_model first")
+            raise ValueError("model has no quantized layers with <= 8-bit weights; call "
+                             "quantize_model first")
         self.momentum = _args.check_momentum(momentum)
         self.freeze = _as_schedule(freeze, "freeze")
         self.dampening = _as_schedule(dampening, "dampening")
@@ -292,6 +318,15 @@ class OscillationControl:
         """Fraction of each weight's elements that are not frozen and whose oscillation
         frequency EMA exceeds ``threshold`` (0.01: more than one reversal per 100 steps)."""
         return {q.name: q.oscillating_fraction(threshold) for q in self.quantizers}
+
+    def write_frozen_weights(self) -> int:
+        """Write every frozen weight's kept level into the latent weight (``level * step`` at
+        the current scale), so that the weight itself carries the frozen values: for export,
+        ``dequantize_model``, or anything that quantizes ``weight`` again. (The optimizer can
+        still move frozen latent weights through momentum or weight decay; their outputs do
+        not change, but the latent values drift.) Returns how many weights were written."""
+        return sum(layer.weight_quantizer.write_frozen(layer.weight_as_quantized())
+                   for layer in self.layers)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

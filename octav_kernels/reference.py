@@ -340,7 +340,7 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
         last_dir   = d if d != 0 else last_dir;   last_int = n
         osc_freq   = (1 - m) * osc_freq + m * oscillated     # float32, each product and the
         int_ema    = (1 - m) * int_ema + m * n               #   sum rounded (no FMA)
-        if freeze_threshold > 0 and osc_freq > freeze_threshold:
+        if freeze_threshold > 0 and osc_freq > freeze_threshold:   # (float32 threshold)
             frozen = True;  last_int = clamp(round(int_ema), lo, hi)
 
     The output is ``n * step``, or ``last_int * step`` for a frozen element (its integer level
@@ -362,7 +362,7 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
         m = torch.tensor(momentum, dtype=torch.float32, device=x.device)
         freq = keep * osc_freq + m * oscillated.float()
         ema = keep * int_ema + m * level.float()
-        freeze = live & (freq > freeze_threshold) if freeze_threshold > 0 else live & False
+        freeze = live & (freeze_threshold > 0) & (freq > freeze_threshold)
         level = torch.where(freeze, torch.clamp(torch.round(ema), lo, hi).to(torch.int16), level)
         last_dir.copy_(torch.where(live & (d != 0), d, last_dir))
         last_int.copy_(torch.where(live, level.to(torch.int8), last_int))

@@ -44,7 +44,7 @@ def sample_inputs():
         (o.fake_quantize_backward.default, (g, x.detach(), s_c),
          {"dim": 0, "grad": "mad", "frozen": state.frozen}),
         (o.fake_quantize_tracked.default, (x.detach(), s_c * 0.9, 3, True, 0, None, False,
-                                           *state.tensors(), 0.25, 0.2, True), {}),
+                                           *state.tensors(), 0.25, torch.tensor(0.2), True), {}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
         (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),

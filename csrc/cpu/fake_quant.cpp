@@ -47,11 +47,11 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t o
                                                                       float s) {
       const scalar_t* xr = xp + begin;
       scalar_t* yr = yp + begin;
-      if (s == 0.0f) {  // all-zero group: q = 0, never NaN
+      const float step = s / fl;
+      if (step == 0.0f) {  // all-zero group (or s / L underflows): q = 0, never NaN
         for (int64_t k = 0; k < n; ++k) yr[k] = scalar_t(0);
         return;
       }
-      const float step = s / fl;
       for (int64_t k = 0; k < n; ++k) {
         // x / step in float32 (SPEC §1); nearbyint rounds half to even. The comparisons keep NaN.
         float v = std::nearbyint(static_cast<float>(xr[k]) / step);
@@ -67,14 +67,15 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
                                  int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
                                  int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
                                  at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                                 double momentum, double freeze_threshold, bool update) {
+                                 double momentum, const at::Tensor& freeze_threshold,
+                                 bool update) {
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const float fl = static_cast<float>(L), flo = static_cast<float>(lo),
               fhi = static_cast<float>(hi);
   // float32 as the reference computes them; products and sums are rounded one by one (this
   // file is built without FMA contraction).
   const float m = static_cast<float>(momentum), keep = static_cast<float>(1.0 - momentum),
-              threshold = static_cast<float>(freeze_threshold);
+              threshold = freeze_threshold.item<float>();
   int8_t* level_p = last_int.data_ptr<int8_t>();
   int8_t* dir_p = last_dir.data_ptr<int8_t>();
   bool* frozen_p = frozen.data_ptr<bool>();
@@ -87,8 +88,8 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
                                                                       float s) {
       const float step = s / fl;
       for (int64_t k = begin; k < begin + n; ++k) {
-        float v = 0.0f;  // the integer level; 0 in an all-zero group
-        if (s != 0.0f) {
+        float v = 0.0f;  // the integer level; 0 where step == 0 (an all-zero group)
+        if (step != 0.0f) {
           v = std::nearbyint(static_cast<float>(xp[k]) / step);
           v = v < flo ? flo : (v > fhi ? fhi : v);
         }
@@ -110,7 +111,7 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
           level_p[k] = static_cast<int8_t>(kept);
         }
         const float out = frozen_p[k] ? static_cast<float>(level_p[k]) : v;
-        yp[k] = s == 0.0f ? scalar_t(0) : static_cast<scalar_t>(out * step);
+        yp[k] = step == 0.0f ? scalar_t(0) : static_cast<scalar_t>(out * step);
       }
     });
   });

@@ -44,10 +44,11 @@ __device__ __forceinline__ float magnitude(float v) {
 }
 
 // SPEC §1: clamp(round(x / step), lo, hi) * step, step = s / L, with IEEE division and
-// round-half-even (as the CPU kernels); 0 where s == 0; the comparisons keep NaN.
+// round-half-even (as the CPU kernels); 0 where step == 0 (s == 0, or a subnormal s whose s / L
+// underflows); the comparisons keep NaN.
 // `step` is s / L (callers compute it once per group).
-__device__ __forceinline__ float quantize(float v, float s, float step, float lo, float hi) {
-  if (s == 0.0f) return 0.0f;
+__device__ __forceinline__ float quantize(float v, float step, float lo, float hi) {
+  if (step == 0.0f) return 0.0f;
   float r = rintf(__fdiv_rn(v, step));
   r = r < lo ? lo : (r > hi ? hi : r);
   return __fmul_rn(r, step);
@@ -145,7 +146,7 @@ __device__ __forceinline__ void quantize_chunks(const T* __restrict__ x, T* __re
           step = __fdiv_rn(s, L);
         }
         if (WriteMask) bits |= static_cast<uint32_t>(inside<Signed>(v, s)) << j;
-        return static_cast<T>(quantize(v, s, step, lo, hi));
+        return static_cast<T>(quantize(v, step, lo, hi));
       };
       if (Vec && k0 + kChunk <= numel) {
         Chunk<T> c = load_chunk(x + k0);

@@ -51,15 +51,16 @@ __global__ void __launch_bounds__(kThreads)
                                  int8_t* __restrict__ dir_p, bool* __restrict__ frozen_p,
                                  float* __restrict__ freq_p, float* __restrict__ ema_p,
                                  int64_t numel, int64_t n_groups, int64_t inner, float L,
-                                 float lo, float hi, float m, float keep, float threshold,
-                                 bool update) {
+                                 float lo, float hi, float m, float keep,
+                                 const float* __restrict__ threshold_p, bool update) {
+  const float threshold = *threshold_p;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
        k += stride) {
     const float s = scale[n_groups == 1 ? 0 : (k / inner) % n_groups];
     const float step = __fdiv_rn(s, L);
-    float v = 0.0f;  // the integer level; 0 in an all-zero group
-    if (s != 0.0f) {
+    float v = 0.0f;  // the integer level; 0 where step == 0 (an all-zero group)
+    if (step != 0.0f) {
       v = rintf(__fdiv_rn(static_cast<float>(x[k]), step));
       v = v < lo ? lo : (v > hi ? hi : v);
     }
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       level_p[k] = static_cast<int8_t>(last);
     }
-    y[k] = s == 0.0f ? static_cast<T>(0.0f)
+    y[k] = step == 0.0f ? static_cast<T>(0.0f)
                      : static_cast<T>(__fmul_rn(frozen ? static_cast<float>(last) : v, step));
   }
 }
@@ -189,7 +190,8 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
                                  int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
                                  int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
                                  at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                                 double momentum, double freeze_threshold, bool update) {
+                                 double momentum, const at::Tensor& freeze_threshold,
+                                 bool update) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t numel = x.numel();
@@ -202,7 +204,7 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
         osc_freq.data_ptr<float>(), int_ema.data_ptr<float>(), numel, n_groups, inner,
         static_cast<float>(L), static_cast<float>(lo), static_cast<float>(hi),
         static_cast<float>(momentum), static_cast<float>(1.0 - momentum),
-        static_cast<float>(freeze_threshold), update);
+        freeze_threshold.data_ptr<float>(), update);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

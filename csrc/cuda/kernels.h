@@ -36,12 +36,14 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::
 
 // fake_quantize that also updates the oscillation state of every element in place (int8
 // last_int and last_dir, bool frozen, float32 osc_freq and int_ema, all contiguous like x) and
-// outputs frozen elements at their kept level (octav_kernels.reference.fake_quantize_tracked).
+// outputs frozen elements at their kept level (octav_kernels.reference.fake_quantize_tracked);
+// freeze_threshold is a 0-dim float32 tensor on the device (read by the kernel: no host sync).
 at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
                                  int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
                                  int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
                                  at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                                 double momentum, double freeze_threshold, bool update);
+                                 double momentum, const at::Tensor& freeze_threshold,
+                                 bool update);
 
 // grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3), 0 where the bool mask frozen is
 // set (an empty frozen: no mask). grad has x's dtype.

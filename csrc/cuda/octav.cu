@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kBlock)
   if (y != nullptr) {
     const float step = __fdiv_rn(s, qz.L);
     for (int64_t j = t; j < len; j += tpg) {
-      y[geo.offset(c, j)] = static_cast<T>(quantize(value(j), s, step, qz.lo, qz.hi));
+      y[geo.offset(c, j)] = static_cast<T>(quantize(value(j), step, qz.lo, qz.hi));
     }
   }
 }

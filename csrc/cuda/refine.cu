@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kSseBlock)
     const double vd = v;
 #pragma unroll
     for (int k = 0; k < kCandidates; ++k) {
-      const double d = static_cast<double>(quantize(v, s[k], step[k], lo, hi)) - vd;
+      const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
       acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
     }
   }

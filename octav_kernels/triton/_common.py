@@ -52,7 +52,7 @@ def grid_level(x, step, lo, hi):
 
 
 @triton.jit
-def quantize(x, s, step, lo, hi):
+def quantize(x, step, lo, hi):
     """SPEC §1 in float32: ``clamp(round(x / step), lo, hi) * step`` (``step = s / L``), 0 where
-    s == 0."""
-    return tl.where(s == 0, 0.0, grid_level(x, step, lo, hi) * step)
+    step == 0 (s == 0, or a subnormal s whose s / L underflows)."""
+    return tl.where(step == 0, 0.0, grid_level(x, step, lo, hi) * step)

@@ -25,7 +25,7 @@ def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo
     valid = k < numel
     s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
     x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    q = quantize(x, s, tl.math.div_rn(s, L), lo, hi)
+    q = quantize(x, tl.math.div_rn(s, L), lo, hi)
     if ROUND_BF16:
         q = round_to_bf16(q)
     tl.store(y_ptr + k, q.to(y_ptr.dtype.element_ty), mask=valid)
@@ -33,15 +33,15 @@ def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo
 
 @triton.jit
 def _fake_quantize_tracked_kernel(x_ptr, y_ptr, scale_ptr, level_ptr, dir_ptr, frozen_ptr,
-                                  freq_ptr, ema_ptr, numel, n_groups, inner, L, lo, hi, m, keep,
-                                  threshold, UPDATE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                                  freq_ptr, ema_ptr, threshold_ptr, numel, n_groups, inner, L, lo,
+                                  hi, m, keep, UPDATE: tl.constexpr, ROUND_BF16: tl.constexpr,
                                   BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = k < numel
     s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
     x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
     step = tl.math.div_rn(s, L)
-    v = tl.where(s == 0, 0.0, grid_level(x, step, lo, hi))  # the integer level (NaN for NaN x)
+    v = tl.where(step == 0, 0.0, grid_level(x, step, lo, hi))  # the level (NaN for NaN x)
     last = tl.load(level_ptr + k, mask=valid, other=0).to(tl.int32)
     frozen = tl.load(frozen_ptr + k, mask=valid, other=0) != 0
     if UPDATE:
@@ -52,7 +52,8 @@ def _fake_quantize_tracked_kernel(x_ptr, y_ptr, scale_ptr, level_ptr, dir_ptr, f
         oscillated = (d != 0) & (last_dir != 0) & (d != last_dir)
         freq = keep * tl.load(freq_ptr + k, mask=valid, other=0.0) + tl.where(oscillated, m, 0.0)
         ema = keep * tl.load(ema_ptr + k, mask=valid, other=0.0) + m * level.to(tl.float32)
-        freeze = live & (threshold > 0) & (freq > threshold)
+        threshold = tl.load(threshold_ptr)  # <= 0: freezing off
+        freeze = live & (freq > tl.where(threshold > 0, threshold, float("inf")))
         # |ema| <= 2**7, so the magic-number rounding (ties to even) is exact.
         r = (ema + 12582912.0) - 12582912.0
         r = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
@@ -64,7 +65,7 @@ def _fake_quantize_tracked_kernel(x_ptr, y_ptr, scale_ptr, level_ptr, dir_ptr, f
         tl.store(frozen_ptr + k, tl.full(k.shape, 1, tl.uint8), mask=freeze)
         frozen = frozen | freeze
         last = tl.where(live, kept, last)
-    q = tl.where(s == 0, 0.0, tl.where(frozen, last.to(tl.float32), v) * step)
+    q = tl.where(step == 0, 0.0, tl.where(frozen, last.to(tl.float32), v) * step)
     if ROUND_BF16:
         q = round_to_bf16(q)
     tl.store(y_ptr + k, q.to(y_ptr.dtype.element_ty), mask=valid)
@@ -142,8 +143,8 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
     # the EMA updates round like the reference's separate products and sums.
     _fake_quantize_tracked_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
         x, y, scale.reshape(-1).float().contiguous(), last_int, last_dir,
-        frozen.view(torch.uint8), osc_freq, int_ema, x.numel(), g.n_groups, g.inner, float(L),
-        float(lo), float(hi), _f32(momentum), _f32(1.0 - momentum), _f32(freeze_threshold),
+        frozen.view(torch.uint8), osc_freq, int_ema, freeze_threshold, x.numel(), g.n_groups,
+        g.inner, float(L), float(lo), float(hi), _f32(momentum), _f32(1.0 - momentum),
         UPDATE=update, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK,
         enable_fp_fusion=False)
     return y

@@ -35,7 +35,7 @@ def _candidate_sse_kernel(x_ptr, cand_ptr, out_ptr, group_len, n_groups, inner, 
     exact = x.to(tl.float64)
     for k in tl.static_range(K):
         s = tl.load(cand_ptr + g * K + k, mask=g < n_groups, other=1.0)
-        d = quantize(x, s, tl.math.div_rn(s, L), lo, hi).to(tl.float64) - exact
+        d = quantize(x, tl.math.div_rn(s, L), lo, hi).to(tl.float64) - exact
         err = tl.sum(tl.where(valid, d * d, 0.0), axis=1)  # [GROUPS]
         row = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
         tl.store(out_ptr + (row * n_blocks + b) * K + k, err, mask=row < n_groups)
