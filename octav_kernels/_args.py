@@ -195,6 +195,17 @@ def check_state(tensor: object, x: torch.Tensor, dtype: torch.dtype, name: str,
     return tensor
 
 
+def check_disjoint(tensors: dict[str, torch.Tensor]) -> None:
+    """Contiguous tensors a kernel updates in place must not share memory (the kernels assume
+    they do not alias)."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+             for name, t in tensors.items() if t.numel() > 0]
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{a} and {b} share memory; each state tensor needs its own")
+
+
 def check_tracked_bits(bits: int, signed: bool) -> None:
     """Oscillation tracking keeps integer levels in int8: signed bits <= 8, unsigned <= 7."""
     if bits > (8 if signed else 7):

@@ -235,6 +235,8 @@ def _fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last
     state = (last_int, last_dir, frozen, osc_freq, int_ema)
     g, scale = _check_tracked(x, scale, bits, signed, dim, group_size, narrow, state, momentum,
                               freeze_threshold)
+    _args.check_disjoint(dict(zip(("last_int", "last_dir", "frozen", "osc_freq", "int_ema"),
+                                  state)))
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return backend.select(x.device).fake_quantize_tracked(

@@ -262,6 +262,10 @@ def test_bad_arguments():
         ok.fake_quantize_tracked(x, s, 3, bad)
     with pytest.raises(ValueError, match="frozen"):
         torch.ops.octav.fake_quantize_backward(x, x, s, frozen=state.frozen[:1])
+    bad = ok.OscillationState(*state.tensors())
+    bad.last_dir = state.last_int  # the same memory twice
+    with pytest.raises(ValueError, match="share memory"):
+        ok.fake_quantize_tracked(x, s, 3, bad)
 
 
 # ----------------------------------------------------------------------------- dampening
