@@ -46,7 +46,8 @@ cuda-build: $(CUDA_VENV)/.deps
 
 # The C++ kernels under AddressSanitizer: a copy of the tracked sources built with
 # -fsanitize=address, then the CPU parity tests with libasan preloaded (~2 min; not in CI).
-ASAN_TESTS ?= tests/test_octav.py tests/test_fake_quant.py tests/test_robustness.py
+ASAN_TESTS ?= tests/test_octav.py tests/test_fake_quant.py tests/test_robustness.py \
+  tests/test_oscillation.py
 asan: $(VENV)/.deps
 	rm -rf build/asan && mkdir -p build/asan
 	git ls-files -z | xargs -0 cp --parents -t build/asan
