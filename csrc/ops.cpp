@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
   m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
   m.def("fake_quantize_tracked_cpu", &octav::cpu::fake_quantize_tracked);
+  m.def("dampening_error_cpu", &octav::cpu::dampening_error);
+  m.def("dampening_backward_cpu", &octav::cpu::dampening_backward);
   m.def("refine_scale_cpu", &octav::cpu::refine_scale);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
@@ -24,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize_cuda", &octav::cuda::fake_quantize);
   m.def("fake_quantize_backward_cuda", &octav::cuda::fake_quantize_backward);
   m.def("fake_quantize_tracked_cuda", &octav::cuda::fake_quantize_tracked);
+  m.def("dampening_error_cuda", &octav::cuda::dampening_error);
+  m.def("dampening_backward_cuda", &octav::cuda::dampening_backward);
   m.def("masked_backward_cuda", &octav::cuda::masked_backward);
   m.def("candidate_sse_cuda", &octav::cuda::candidate_sse);
 #else

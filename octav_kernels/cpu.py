@@ -56,3 +56,19 @@ def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=
         x, _flat(scale), outer, n_groups, inner, *levels(bits, signed, narrow), signed,
         REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD)
     return refined.reshape(g.scale_shape)
+
+
+def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                    frozen=None):
+    g = groups(w, dim, group_size)
+    return compiled().dampening_error_cpu(w.contiguous(), _flat(scale), g.outer, g.n_groups,
+                                            g.inner, *levels(bits, signed, narrow),
+                                            flat_mask(frozen))
+
+
+def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
+                       narrow=False, frozen=None):
+    g = groups(w, dim, group_size)
+    return compiled().dampening_backward_cpu(
+        grad.float().contiguous(), w.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner,
+        *levels(bits, signed, narrow), flat_mask(frozen))

@@ -119,3 +119,19 @@ def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=
 
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
     return reference.refine_with(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)
+
+
+def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                    frozen=None):
+    g = groups(w, dim, group_size)
+    return compiled().dampening_error_cuda(w.contiguous(), _flat(scale), g.outer, g.n_groups,
+                                            g.inner, *levels(bits, signed, narrow),
+                                            flat_mask(frozen))
+
+
+def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
+                       narrow=False, frozen=None):
+    g = groups(w, dim, group_size)
+    return compiled().dampening_backward_cuda(
+        grad.float().contiguous(), w.contiguous(), _flat(scale), g.outer, g.n_groups, g.inner,
+        *levels(bits, signed, narrow), flat_mask(frozen))

@@ -253,6 +253,74 @@ def _(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, froze
 
 
 # ---------------------------------------------------------------------------------------------
+# octav::dampening_error and its backward: the per-element oscillation-dampening term
+# (reference.dampening_error), differentiable in w with q held constant.
+
+
+def _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen):
+    g, scale = _check_with_scale(w, scale, bits, signed, dim, group_size, narrow)
+    if frozen is not None:
+        _args.check_state(frozen, w, torch.bool, "frozen")
+    return g, scale
+
+
+@torch.library.custom_op(
+    "octav::dampening_error", mutates_args=(),
+    schema="(Tensor w, Tensor scale, int bits, bool signed=True, int? dim=None, "
+           "int? group_size=None, bool narrow=False, Tensor? frozen=None) -> Tensor")
+def _dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                     frozen=None):
+    g, scale = _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
+    if w.numel() == 0:
+        return torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    return backend.select(w.device).dampening_error(w, scale, bits, signed, g.dim, g.group_size,
+                                                    narrow, frozen)
+
+
+@_dampening_error.register_fake
+def _(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False, frozen=None):
+    _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
+    return torch.empty(w.shape, dtype=torch.float32, device=w.device)
+
+
+@torch.library.custom_op(
+    "octav::dampening_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor w, Tensor scale, int bits, bool signed=True, int? dim=None, "
+           "int? group_size=None, bool narrow=False, Tensor? frozen=None) -> Tensor")
+def _dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
+                        narrow=False, frozen=None):
+    g, scale = _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
+    if grad.shape != w.shape or grad.device != w.device:
+        raise ValueError(f"grad ({list(grad.shape)} on {grad.device}) must match w "
+                         f"({list(w.shape)} on {w.device})")
+    if w.numel() == 0:
+        return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    return backend.select(w.device).dampening_backward(grad.float(), w, scale, bits, signed,
+                                                       g.dim, g.group_size, narrow, frozen)
+
+
+@_dampening_backward.register_fake
+def _(grad, w, scale, bits, signed=True, dim=None, group_size=None, narrow=False, frozen=None):
+    _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+def _dampening_setup(ctx, inputs, output):
+    w, scale, bits, signed, dim, group_size, narrow, frozen = inputs
+    ctx.args = (bits, signed, dim, group_size, narrow)
+    ctx.save_for_backward(w, scale, frozen)
+
+
+def _dampening_grad(ctx, grad):
+    w, scale, frozen = ctx.saved_tensors
+    grad_w = torch.ops.octav.dampening_backward(grad, w, scale, *ctx.args, frozen)
+    return (grad_w,) + (None,) * 7
+
+
+_dampening_error.register_autograd(_dampening_grad, setup_context=_dampening_setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # octav::octav_fake_quantize
 
 

@@ -141,6 +141,8 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
     ``"kernel_mean"`` (summed over each output channel, dim 0, then averaged over channels).
     Its gradient, ``2 (clip(w) - q(w))`` inside the range, pulls each weight to the centre of
     its bin. Frozen weights (``frozen``) are left out. float32 scalar, differentiable in ``w``.
+    The per-element term and its gradient are one kernel each (op ``octav::dampening_error``);
+    the reduction is a torch sum.
     """
     _check_types(w, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale), ("frozen", frozen)))
@@ -148,19 +150,10 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
     _args.check_narrow(narrow, signed)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    g = _args.groups(w, dim, group_size)
-    scale = _args.check_scale(scale, w, g).detach()
     if reduction == "kernel_mean" and w.dim() == 0:
         raise ValueError("reduction='kernel_mean' needs a weight with an output-channel dim")
-    L, lo, hi = _args.levels(bits, signed, narrow)
-    step = reference._broadcast(scale, w, g.dim, g.group_size) / torch.full(
-        (), float(L), device=w.device)  # a tensor divisor (see reference.fake_quantize)
-    wf = w.float()
-    q = reference.quantize_to_grid(wf.detach(), step, lo, hi)
-    error = (q - torch.clamp(wf, lo * step, hi * step)).square()
-    if frozen is not None:
-        _args.check_state(frozen, w, torch.bool, "frozen")
-        error = torch.where(frozen, torch.zeros((), device=w.device), error)
+    error = torch.ops.octav.dampening_error(w, scale.detach(), bits, signed, dim, group_size,
+                                            narrow, frozen)
     if reduction == "sum":
         return error.sum()
     if reduction == "mean":

@@ -383,3 +383,40 @@ def integer_levels(x, scale, bits, signed=True, dim=None, group_size=None, narro
         L, dtype=torch.float32, device=x.device)
     n = torch.clamp(torch.round(x.float() / step), lo, hi)
     return torch.nan_to_num(torch.where(step == 0, 0.0, n)).to(torch.int8)
+
+
+def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                    frozen=None):
+    """The per-element oscillation-dampening term ``(q(w) - clip(w))**2`` (Nagel et al., eq. 6),
+    float32, w's shape: ``q`` the SPEC §1 quantizer, ``clip(w) = clamp(w, lo * step,
+    hi * step)``; 0 where ``frozen``. All in float32, each operation rounded once."""
+    L, lo, hi = levels(bits, signed, narrow)
+    step = _broadcast(scale.float(), w, dim, group_size) / torch.tensor(
+        L, dtype=torch.float32, device=w.device)
+    wf = w.float()
+    q = quantize_to_grid(wf, step, lo, hi)
+    d = q - torch.minimum(torch.maximum(wf, lo * step), hi * step)
+    err = d * d
+    if frozen is not None:
+        err = torch.where(frozen, torch.zeros((), device=w.device), err)
+    return err
+
+
+def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
+                       narrow=False, frozen=None):
+    """d(sum(grad * dampening_error))/dw with q held constant (``q(w).detach()``)::
+
+        ((c - q) + (c - q)) * grad   where lo * step <= w <= hi * step (c = clip(w)), else 0
+
+    in float32, 0 where ``frozen``; returned in w's dtype."""
+    L, lo, hi = levels(bits, signed, narrow)
+    step = _broadcast(scale.float(), w, dim, group_size) / torch.tensor(
+        L, dtype=torch.float32, device=w.device)
+    wf = w.float()
+    q = quantize_to_grid(wf, step, lo, hi)
+    t = torch.minimum(torch.maximum(wf, lo * step), hi * step) - q
+    inside = (wf >= lo * step) & (wf <= hi * step)
+    if frozen is not None:
+        inside = inside & ~frozen
+    out = torch.where(inside, (t + t) * grad.float(), torch.zeros((), device=w.device))
+    return out.to(w.dtype)

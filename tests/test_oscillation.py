@@ -271,6 +271,32 @@ def test_bad_arguments():
 # ----------------------------------------------------------------------------- dampening
 
 
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("gran", GRANULARITIES)
+@pytest.mark.parametrize("name,dtype", BACKEND_DTYPES)
+def test_dampening_parity(name, dtype, gran, grid):
+    """The per-element dampening term and its gradient equal the reference bit for bit (float32
+    operations, each rounded once), with clipped values, a NaN, frozen entries and (per group)
+    a zero scale."""
+    signed, narrow = grid
+    w = make_data(MATRIX_SHAPE, dtype, signed, seed=49)
+    scale = reference_scale(w, 3, signed=signed, narrow=narrow, **gran) * 0.7
+    if scale.dim() > 0:
+        scale.reshape(-1)[1] = 0.0
+    w.reshape(-1)[5] = float("nan")
+    frozen = make_data(MATRIX_SHAPE, seed=50) > 0.8
+    g = make_data(MATRIX_SHAPE, seed=51, zeros=0.0)
+    args = (3, signed, gran.get("dim"), gran.get("group_size"), narrow, frozen)
+    results = []
+    for backend_name in ("reference", name):
+        with use_backend(backend_name):
+            results.append((torch.ops.octav.dampening_error(w, scale, *args),
+                            torch.ops.octav.dampening_backward(g, w, scale, *args)))
+    for got, expected in zip(results[1], results[0]):
+        assert_bitwise(got, expected)
+    assert results[0][0].dtype == torch.float32 and results[0][1].dtype == dtype
+
+
 def test_dampening_loss_values_and_gradient():
     """3-bit signed, s = 4 (step 1, range [-4, 3]): w = 0.3 -> q 0, clip 0.3, error 0.09;
     -1.6 -> q -2, error 0.16; 5.0 -> q 3, clip 3, error 0; 2.5 -> q 2 (half to even), error

@@ -45,6 +45,8 @@ def sample_inputs():
          {"dim": 0, "grad": "mad", "frozen": state.frozen}),
         (o.fake_quantize_tracked.default, (x.detach(), s_c * 0.9, 3, True, 0, None, False,
                                            *state.tensors(), 0.25, torch.tensor(0.2), True), {}),
+        (o.dampening_error.default, (x, s_c, 3), {"dim": 0, "frozen": state.frozen}),
+        (o.dampening_error.default, (xu, s_g, 4), {"signed": False, "group_size": 4}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
         (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),

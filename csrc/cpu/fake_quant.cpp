@@ -118,6 +118,68 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
   return y;
 }
 
+at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t outer,
+                           int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                           const at::Tensor& frozen) {
+  auto err = at::empty(w.sizes(), w.options().dtype(at::kFloat));
+  const float fl = static_cast<float>(L), flo = static_cast<float>(lo),
+              fhi = static_cast<float>(hi);
+  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dampening", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    float* ep = err.data_ptr<float>();
+    for_each_run(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t begin, int64_t n,
+                                                                      float s) {
+      const float step = s / fl, bottom = flo * step, top = fhi * step;
+      for (int64_t k = begin; k < begin + n; ++k) {
+        const float v = static_cast<float>(wp[k]);
+        float q = 0.0f;
+        if (step != 0.0f) {
+          q = std::nearbyint(v / step);
+          q = (q < flo ? flo : (q > fhi ? fhi : q)) * step;
+        }
+        const float d = q - (v < bottom ? bottom : (v > top ? top : v));
+        ep[k] = frozen_p != nullptr && frozen_p[k] ? 0.0f : d * d;
+      }
+    });
+  });
+  return err;
+}
+
+at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                              const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                              int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                              const at::Tensor& frozen) {
+  auto gw = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const float fl = static_cast<float>(L), flo = static_cast<float>(lo),
+              fhi = static_cast<float>(hi);
+  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
+  const float* gp = grad.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "damp_bwd", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = gw.data_ptr<scalar_t>();
+    for_each_run(outer, n_groups, inner, scale.data_ptr<float>(), [&](int64_t begin, int64_t n,
+                                                                      float s) {
+      const float step = s / fl, bottom = flo * step, top = fhi * step;
+      for (int64_t k = begin; k < begin + n; ++k) {
+        const float v = static_cast<float>(wp[k]);
+        float out = 0.0f;
+        if (v >= bottom && v <= top && !(frozen_p != nullptr && frozen_p[k])) {
+          float q = 0.0f;
+          if (step != 0.0f) {
+            q = std::nearbyint(v / step);
+            q = (q < flo ? flo : (q > fhi ? fhi : q)) * step;
+          }
+          const float t = v - q;  // clip(w) = w inside the range
+          out = (t + t) * gp[k];
+        }
+        op[k] = static_cast<scalar_t>(out);
+      }
+    });
+  });
+  return gw;
+}
+
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& scale, int64_t outer, int64_t n_groups,
                                   int64_t inner, bool is_signed, int64_t mode,

@@ -35,6 +35,17 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
                                  double momentum, const at::Tensor& freeze_threshold,
                                  bool update);
 
+// The oscillation-dampening term (q(w) - clamp(w, lo * step, hi * step))**2 per element, float32,
+// 0 where the bool mask frozen is set (empty: no mask); and its gradient for a float32 grad,
+// in w's dtype (octav_kernels.reference.dampening_error / dampening_backward).
+at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t outer,
+                           int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                           const at::Tensor& frozen);
+at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                              const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                              int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                              const at::Tensor& frozen);
+
 // grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3), 0 where the bool mask frozen is
 // set (an empty frozen: no mask). grad has x's dtype.
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,

@@ -90,6 +90,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Oscillation dampening: err = (q - clip(w))**2 (Backward: false) or
+// grad_w = 2 (w - q) * grad inside [lo * step, hi * step] (Backward: true), one thread per
+// element, 0 where frozen; IEEE float32 operations as in the reference.
+template <typename T, bool Backward>
+__global__ void __launch_bounds__(kThreads)
+    dampening_kernel(const T* __restrict__ w, const float* __restrict__ grad,
+                     float* __restrict__ err, T* __restrict__ gw,
+                     const float* __restrict__ scale, const bool* __restrict__ frozen,
+                     int64_t numel, int64_t n_groups, int64_t inner, float L, float lo,
+                     float hi) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
+       k += stride) {
+    const float step = __fdiv_rn(scale[n_groups == 1 ? 0 : (k / inner) % n_groups], L);
+    const float bottom = __fmul_rn(lo, step), top = __fmul_rn(hi, step);
+    const float v = static_cast<float>(w[k]);
+    const float q = quantize(v, step, lo, hi);
+    const bool off = frozen != nullptr && frozen[k];
+    if constexpr (Backward) {
+      float out = 0.0f;
+      if (v >= bottom && v <= top && !off) {
+        const float t = __fsub_rn(v, q);
+        out = __fmul_rn(__fadd_rn(t, t), grad[k]);
+      }
+      gw[k] = static_cast<T>(out);
+    } else {
+      const float d = __fsub_rn(q, v < bottom ? bottom : (v > top ? top : v));
+      err[k] = off ? 0.0f : __fmul_rn(d, d);
+    }
+  }
+}
+
 template <typename T, bool Vec, bool Signed, int M>
 __global__ void __launch_bounds__(kThreads)
     fake_quantize_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
@@ -208,6 +240,53 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+namespace {
+
+// err (float32) for grad undefined, else grad_w (w's dtype).
+at::Tensor dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
+                     int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                     const at::Tensor& frozen) {
+  const c10::cuda::CUDAGuard guard(w.device());
+  const bool backward = grad.defined();
+  auto out = backward ? at::empty_like(w, at::MemoryFormat::Contiguous)
+                      : at::empty(w.sizes(), w.options().dtype(at::kFloat));
+  const int64_t numel = w.numel();
+  if (numel == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
+  OCTAV_DISPATCH_FLOATING(w.scalar_type(), "dampening", [&] {
+    const int blocks = blocks_for(numel, kThreads);
+    if (backward) {
+      dampening_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+          w.data_ptr<scalar_t>(), grad.data_ptr<float>(), nullptr, out.data_ptr<scalar_t>(),
+          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, static_cast<float>(L),
+          static_cast<float>(lo), static_cast<float>(hi));
+    } else {
+      dampening_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+          w.data_ptr<scalar_t>(), nullptr, out.data_ptr<float>(), nullptr,
+          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, static_cast<float>(L),
+          static_cast<float>(lo), static_cast<float>(hi));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t outer,
+                           int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                           const at::Tensor& frozen) {
+  return dampening(w, at::Tensor(), scale, n_groups, inner, L, lo, hi, frozen);
+}
+
+at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                              const at::Tensor& scale, int64_t outer, int64_t n_groups,
+                              int64_t inner, int64_t L, int64_t lo, int64_t hi,
+                              const at::Tensor& frozen) {
+  return dampening(w, grad, scale, n_groups, inner, L, lo, hi, frozen);
 }
 
 at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,

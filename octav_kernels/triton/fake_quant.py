@@ -72,6 +72,34 @@ def _fake_quantize_tracked_kernel(x_ptr, y_ptr, scale_ptr, level_ptr, dir_ptr, f
 
 
 @triton.jit
+def _dampening_kernel(w_ptr, g_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_groups, inner, L, lo,
+                      hi, BACKWARD: tl.constexpr, FROZEN: tl.constexpr,
+                      ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Oscillation dampening (reference.dampening_error / dampening_backward)."""
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = k < numel
+    s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
+    v = tl.load(w_ptr + k, mask=valid, other=0.0).to(tl.float32)
+    step = tl.math.div_rn(s, L)
+    bottom = lo * step
+    top = hi * step
+    q = quantize(v, step, lo, hi)
+    off = k < 0  # nothing frozen
+    if FROZEN:
+        off = tl.load(frozen_ptr + k, mask=valid, other=0) != 0
+    if BACKWARD:
+        t = v - q
+        g = tl.load(g_ptr + k, mask=valid, other=0.0)
+        out = tl.where((v >= bottom) & (v <= top) & ~off, (t + t) * g, 0.0)
+        if ROUND_BF16:
+            out = round_to_bf16(out)
+        tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=valid)
+    else:
+        d = q - tl.where(v < bottom, bottom, tl.where(v > top, top, v))
+        tl.store(out_ptr + k, tl.where(off, 0.0, d * d), mask=valid)
+
+
+@triton.jit
 def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_groups,
                                    inner, SIGNED: tl.constexpr, MODE: tl.constexpr,
                                    FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -148,6 +176,32 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
         UPDATE=update, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK,
         enable_fp_fusion=False)
     return y
+
+
+def _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen):
+    check_dtype(w)
+    g = groups(w, dim, group_size)
+    L, lo, hi = levels(bits, signed, narrow)
+    w = w.contiguous()
+    out = (torch.empty(w.shape, dtype=torch.float32, device=w.device) if grad is None
+           else torch.empty_like(w))
+    mask = w if frozen is None else frozen.contiguous().view(torch.uint8)  # w: never read
+    _dampening_kernel[(triton.cdiv(w.numel(), _BLOCK),)](
+        w, w if grad is None else grad.float().contiguous(), out,
+        scale.reshape(-1).float().contiguous(), mask, w.numel(), g.n_groups, g.inner, float(L),
+        float(lo), float(hi), BACKWARD=grad is not None, FROZEN=frozen is not None,
+        ROUND_BF16=exact_bf16_store(out.dtype), BLOCK=_BLOCK, enable_fp_fusion=False)
+    return out
+
+
+def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                    frozen=None):
+    return _dampening(w, None, scale, bits, signed, dim, group_size, narrow, frozen)
+
+
+def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
+                       narrow=False, frozen=None):
+    return _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen)
 
 
 def _f32(value: float) -> float:
