@@ -265,7 +265,8 @@ class Quantizer(nn.Module):
         return (f"bits={self.bits}, signed={signed}, {gran}, grad={self.grad}, "
                 f"mode={self.mode}, calibrator={self.calibrator}"
                 + (f", every={self.every}" if self.every > 1 else "")
-                + (", narrow=True" if self.narrow else ""))
+                + (", narrow=True" if self.narrow else "")
+                + (f", oscillations tracked (momentum={self.momentum})" if self.tracking else ""))
 
     # -- forward ----------------------------------------------------------------------------
 
