@@ -202,8 +202,12 @@ class Quantizer(nn.Module):
         if not self.initialized:
             raise RuntimeError(f"{self.name}: no scale yet; the dampening loss needs one "
                                "(run a training forward first)")
-        frozen = self.osc_frozen if self.tracking and self.osc_frozen.shape == w.shape else None
-        return dampening_loss(w, self.scale, self.bits, signed=bool(self.signed), dim=self.dim,
+        # Copies: the next training forward updates the scale and the frozen set in place, and
+        # this loss's backward must still see the ones it was computed with.
+        frozen = (self.osc_frozen.clone()
+                  if self.tracking and self.osc_frozen.shape == w.shape else None)
+        return dampening_loss(w, self.scale.clone(), self.bits, signed=bool(self.signed),
+                              dim=self.dim,
                               group_size=self.group_size, narrow=self.narrow,
                               reduction=reduction, frozen=frozen)
 

@@ -257,10 +257,13 @@ def _(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, froze
 # (reference.dampening_error), differentiable in w with q held constant.
 
 
-def _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen):
+def _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen, grad=None):
     g, scale = _check_with_scale(w, scale, bits, signed, dim, group_size, narrow)
     if frozen is not None:
         _args.check_state(frozen, w, torch.bool, "frozen")
+    if grad is not None and (grad.shape != w.shape or grad.device != w.device):
+        raise ValueError(f"grad ({list(grad.shape)} on {grad.device}) must match w "
+                         f"({list(w.shape)} on {w.device})")
     return g, scale
 
 
@@ -289,10 +292,7 @@ def _(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False, froz
            "int? group_size=None, bool narrow=False, Tensor? frozen=None) -> Tensor")
 def _dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
                         narrow=False, frozen=None):
-    g, scale = _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
-    if grad.shape != w.shape or grad.device != w.device:
-        raise ValueError(f"grad ({list(grad.shape)} on {grad.device}) must match w "
-                         f"({list(w.shape)} on {w.device})")
+    g, scale = _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen, grad)
     if w.numel() == 0:
         return torch.empty(w.shape, dtype=w.dtype, device=w.device)
     return backend.select(w.device).dampening_backward(grad.float(), w, scale, bits, signed,
@@ -301,7 +301,7 @@ def _dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=
 
 @_dampening_backward.register_fake
 def _(grad, w, scale, bits, signed=True, dim=None, group_size=None, narrow=False, frozen=None):
-    _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen)
+    _check_dampening(w, scale, bits, signed, dim, group_size, narrow, frozen, grad)
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 

@@ -142,7 +142,7 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
     Its gradient, ``2 (clip(w) - q(w))`` inside the range, pulls each weight to the centre of
     its bin. Frozen weights (``frozen``) are left out. float32 scalar, differentiable in ``w``.
     The per-element term and its gradient are one kernel each (op ``octav::dampening_error``);
-    the reduction is a torch sum.
+    the reduction is a torch sum. No double backward (like the other ops' gradients).
     """
     _check_types(w, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale), ("frozen", frozen)))
@@ -154,11 +154,11 @@ def dampening_loss(w: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: b
         raise ValueError("reduction='kernel_mean' needs a weight with an output-channel dim")
     error = torch.ops.octav.dampening_error(w, scale.detach(), bits, signed, dim, group_size,
                                             narrow, frozen)
-    if reduction == "sum":
+    if reduction == "sum" or error.numel() == 0:  # (an empty weight: 0)
         return error.sum()
     if reduction == "mean":
         return error.mean()
-    return error.reshape(w.shape[0], -1).sum(1).mean()
+    return error.flatten(1).sum(1).mean() if error.dim() > 1 else error.mean()
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,7 @@ def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=N
         L, dtype=torch.float32, device=w.device)
     wf = w.float()
     q = quantize_to_grid(wf, step, lo, hi)
-    t = torch.minimum(torch.maximum(wf, lo * step), hi * step) - q
+    t = wf - q  # clip(w) - q where the gradient passes (clip(w) = w there)
     inside = (wf >= lo * step) & (wf <= hi * step)
     if frozen is not None:
         inside = inside & ~frozen

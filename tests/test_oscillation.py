@@ -203,6 +203,10 @@ def test_subnormal_scale_is_a_zero_step(name):
         tracked = ok.fake_quantize_tracked(x, s, 3, state, momentum=0.5)
     assert torch.equal(y, torch.zeros_like(x)) and torch.equal(tracked, torch.zeros_like(x))
     assert torch.equal(state.last_int, torch.zeros_like(state.last_int))
+    with use_backend(name):  # dampening: the range is [0, 0], so no error and no gradient
+        err = torch.ops.octav.dampening_error(x, s, 3)
+        grad = torch.ops.octav.dampening_backward(torch.ones_like(x), x, s, 3)
+    assert torch.equal(err, torch.zeros_like(x)) and torch.equal(grad, torch.zeros_like(x))
 
 
 def test_two_forwards_before_backward():
@@ -315,6 +319,9 @@ def test_dampening_loss_values_and_gradient():
     torch.testing.assert_close(ok.dampening_loss(w, s, 3, frozen=frozen), errors.sum() - 0.09)
     with pytest.raises(ValueError, match="reduction"):
         ok.dampening_loss(w, s, 3, reduction="max")
+    empty = torch.zeros(0, 4)
+    assert float(ok.dampening_loss(empty, torch.zeros(0), 3, dim=0,
+                                   reduction="kernel_mean")) == 0.0
 
 
 def test_dampening_per_channel_uses_each_scale():
@@ -422,6 +429,19 @@ def test_untracked_checkpoint_and_channels_last():
     model.to(memory_format=torch.channels_last)
     assert all(getattr(q, n).is_contiguous() for n in ("osc_last_int", "osc_frozen", "osc_freq"))
     train_steps(model, control, 1)
+
+
+def test_dampening_then_another_forward_before_backward():
+    """The loss keeps copies of the scale and frozen set it used: a forward after it (which
+    updates both in place) does not break its backward."""
+    model = small_model()
+    control = ok.OscillationControl(model, freeze=0.05, dampening=0.1)
+    train_steps(model, control, 2)
+    x = torch.randn(4, 2, 6, 6)
+    loss = model(x).sum() + control.dampening_loss()
+    loss = loss + model(x * 2).sum()
+    loss.backward()
+    assert model[3].weight.grad is not None
 
 
 def test_write_frozen_weights():
