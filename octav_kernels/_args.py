@@ -206,9 +206,14 @@ def check_disjoint(tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{a} and {b} share memory; each state tensor needs its own")
 
 
+def tracked_bits_fit(bits: int, signed: bool) -> bool:
+    """Whether the grid's integer levels fit the int8 state of oscillation tracking: signed
+    bits <= 8, unsigned <= 7."""
+    return bits <= (8 if signed else 7)
+
+
 def check_tracked_bits(bits: int, signed: bool) -> None:
-    """Oscillation tracking keeps integer levels in int8: signed bits <= 8, unsigned <= 7."""
-    if bits > (8 if signed else 7):
+    if not tracked_bits_fit(bits, signed):
         raise ValueError(f"oscillation tracking keeps integer levels in int8: bits must be <= "
                          f"{8 if signed else 7} for a {'signed' if signed else 'unsigned'} grid, "
                          f"got {bits}")

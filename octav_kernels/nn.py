@@ -190,8 +190,7 @@ class Quantizer(nn.Module):
             return 0
         L = _args.levels(self.bits, bool(self.signed), self.narrow)[0]
         with torch.no_grad():
-            step = reference._broadcast(self.scale, w, self.dim, self.group_size) / torch.full(
-                (), float(L), device=w.device)
+            step = reference.grid_step(self.scale, w, self.dim, self.group_size, L)
             w.copy_(torch.where(self.osc_frozen, (self.osc_last_int.float() * step).to(w.dtype),
                                 w))
         return int(self.osc_frozen.sum())

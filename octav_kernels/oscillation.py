@@ -85,7 +85,8 @@ class _TrackedFakeQuantize(torch.autograd.Function):
         y = torch.ops.octav.fake_quantize_tracked(
             x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, frozen,
             osc_freq, int_ema, momentum, freeze_threshold, update)
-        ctx.save_for_backward(x, scale, frozen.clone())
+        if ctx.needs_input_grad[0]:  # (eval / no_grad forwards copy nothing)
+            ctx.save_for_backward(x, scale, frozen.clone())
         ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
         return y
 
@@ -255,7 +256,7 @@ class OscillationControl:
         for m in model.modules():
             if isinstance(m, _QuantLayer):
                 q = m.weight_quantizer
-                fits = q.bits <= (8 if q.signed is not False else 7)
+                fits = _args.tracked_bits_fit(q.bits, q.signed is not False)
                 (self.layers if fits else skipped).append(m)
         if skipped:
             warnings.warn("OscillationControl: not tracked (levels of more than 8 bits do not fit "

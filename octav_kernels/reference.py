@@ -247,18 +247,29 @@ def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="
         step = s / L;  q = clamp(round_half_even(x / step), lo, hi) * step;  q = 0 where s == 0
     """
     L, lo, hi = levels(bits, signed, narrow)
-    # A tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal,
-    # which is not the correctly rounded s / L for L = 2**(B-1) - 1 (narrow).
-    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(L, dtype=torch.float32,
-                                                                        device=x.device)
+    step = grid_step(scale, x, dim, group_size, L)
     return quantize_to_grid(x.float(), step, lo, hi).to(x.dtype)
+
+
+def grid_step(scale, x, dim, group_size, L) -> torch.Tensor:
+    """``step = s / L`` in float32, broadcast to x's shape. A tensor divisor: PyTorch's CUDA
+    division by a Python scalar multiplies by its reciprocal, which is not the correctly rounded
+    s / L for L = 2**(B-1) - 1 (narrow)."""
+    return _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
+        L, dtype=torch.float32, device=x.device)
+
+
+def grid_levels(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The integer level ``clamp(round_half_even(x / step), lo, hi)`` in x's (float32) dtype,
+    0 where step == 0 (s == 0); NaN stays NaN; ``step`` broadcasts against ``x``."""
+    n = torch.clamp(torch.round(x / step), lo, hi)
+    return torch.where(step == 0, torch.zeros((), dtype=n.dtype, device=n.device), n)
 
 
 def quantize_to_grid(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """``clamp(round_half_even(x / step), lo, hi) * step`` in x's (float32) dtype, 0 where
     step == 0 (s == 0); ``step`` broadcasts against ``x``."""
-    q = torch.clamp(torch.round(x / step), lo, hi) * step
-    return torch.where(step == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)
+    return grid_levels(x, step, lo, hi) * step
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
@@ -349,10 +360,8 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
     (x's shape: int8, int8, bool, float32, float32) in place; returns y in x's dtype.
     """
     L, lo, hi = levels(bits, signed, narrow)
-    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
-        L, dtype=torch.float32, device=x.device)
-    n = torch.clamp(torch.round(x.float() / step), lo, hi)
-    n = torch.where(step == 0, torch.zeros((), device=x.device), n)
+    step = grid_step(scale, x, dim, group_size, L)
+    n = grid_levels(x.float(), step, lo, hi)
     if update:
         live = ~frozen & ~torch.isnan(n)
         level = torch.nan_to_num(n).to(torch.int16)
@@ -379,10 +388,8 @@ def integer_levels(x, scale, bits, signed=True, dim=None, group_size=None, narro
     ``last_int`` (and, as float32, ``int_ema``) of oscillation tracking. Needs levels that fit
     int8 (signed bits <= 8, unsigned bits <= 7)."""
     L, lo, hi = levels(bits, signed, narrow)
-    step = _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
-        L, dtype=torch.float32, device=x.device)
-    n = torch.clamp(torch.round(x.float() / step), lo, hi)
-    return torch.nan_to_num(torch.where(step == 0, 0.0, n)).to(torch.int8)
+    n = grid_levels(x.float(), grid_step(scale, x, dim, group_size, L), lo, hi)
+    return torch.nan_to_num(n).to(torch.int8)
 
 
 def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
@@ -391,8 +398,7 @@ def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narr
     float32, w's shape: ``q`` the SPEC §1 quantizer, ``clip(w) = clamp(w, lo * step,
     hi * step)``; 0 where ``frozen``. All in float32, each operation rounded once."""
     L, lo, hi = levels(bits, signed, narrow)
-    step = _broadcast(scale.float(), w, dim, group_size) / torch.tensor(
-        L, dtype=torch.float32, device=w.device)
+    step = grid_step(scale, w, dim, group_size, L)
     wf = w.float()
     q = quantize_to_grid(wf, step, lo, hi)
     d = q - torch.minimum(torch.maximum(wf, lo * step), hi * step)
@@ -410,8 +416,7 @@ def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=N
 
     in float32, 0 where ``frozen``; returned in w's dtype."""
     L, lo, hi = levels(bits, signed, narrow)
-    step = _broadcast(scale.float(), w, dim, group_size) / torch.tensor(
-        L, dtype=torch.float32, device=w.device)
+    step = grid_step(scale, w, dim, group_size, L)
     wf = w.float()
     q = quantize_to_grid(wf, step, lo, hi)
     t = wf - q  # clip(w) - q where the gradient passes (clip(w) = w there)

@@ -33,6 +33,20 @@ void for_each_run(int64_t outer, int64_t n_groups, int64_t inner, const float* s
 
 enum Mode : int64_t { kSte = 0, kPwl = 1, kMad = 2 };
 
+// r clamped to [lo, hi]; the comparisons keep NaN.
+inline float clamp_level(float r, float lo, float hi) { return r < lo ? lo : (r > hi ? hi : r); }
+
+// SPEC §1's integer level clamp(round(v / step), lo, hi) for step != 0: v / step in float32,
+// nearbyint rounds half to even.
+inline float grid_level(float v, float step, float lo, float hi) {
+  return clamp_level(std::nearbyint(v / step), lo, hi);
+}
+
+// SPEC §1's q = level * step, 0 where step == 0 (an all-zero group, or s / L underflows).
+inline float quantize(float v, float step, float lo, float hi) {
+  return step == 0.0f ? 0.0f : grid_level(v, step, lo, hi) * step;
+}
+
 }  // namespace
 
 at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
@@ -53,10 +67,7 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t o
         return;
       }
       for (int64_t k = 0; k < n; ++k) {
-        // x / step in float32 (SPEC §1); nearbyint rounds half to even. The comparisons keep NaN.
-        float v = std::nearbyint(static_cast<float>(xr[k]) / step);
-        v = v < flo ? flo : (v > fhi ? fhi : v);
-        yr[k] = static_cast<scalar_t>(v * step);
+        yr[k] = static_cast<scalar_t>(grid_level(static_cast<float>(xr[k]), step, flo, fhi) * step);
       }
     });
   });
@@ -88,11 +99,9 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
                                                                       float s) {
       const float step = s / fl;
       for (int64_t k = begin; k < begin + n; ++k) {
-        float v = 0.0f;  // the integer level; 0 where step == 0 (an all-zero group)
-        if (step != 0.0f) {
-          v = std::nearbyint(static_cast<float>(xp[k]) / step);
-          v = v < flo ? flo : (v > fhi ? fhi : v);
-        }
+        // The integer level; 0 where step == 0 (an all-zero group).
+        const float v =
+            step == 0.0f ? 0.0f : grid_level(static_cast<float>(xp[k]), step, flo, fhi);
         if (update && !frozen_p[k] && v == v) {
           const int level = static_cast<int>(v), last = level_p[k];
           const int d = (level > last) - (level < last);
@@ -104,8 +113,7 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
           ema_p[k] = ema;
           int kept = level;
           if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
-            const float r = std::nearbyint(ema);
-            kept = static_cast<int>(r < flo ? flo : (r > fhi ? fhi : r));
+            kept = static_cast<int>(clamp_level(std::nearbyint(ema), flo, fhi));
             frozen_p[k] = true;
           }
           level_p[k] = static_cast<int8_t>(kept);
@@ -133,12 +141,7 @@ at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t
       const float step = s / fl, bottom = flo * step, top = fhi * step;
       for (int64_t k = begin; k < begin + n; ++k) {
         const float v = static_cast<float>(wp[k]);
-        float q = 0.0f;
-        if (step != 0.0f) {
-          q = std::nearbyint(v / step);
-          q = (q < flo ? flo : (q > fhi ? fhi : q)) * step;
-        }
-        const float d = q - (v < bottom ? bottom : (v > top ? top : v));
+        const float d = quantize(v, step, flo, fhi) - clamp_level(v, bottom, top);
         ep[k] = frozen_p != nullptr && frozen_p[k] ? 0.0f : d * d;
       }
     });
@@ -165,12 +168,7 @@ at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
         const float v = static_cast<float>(wp[k]);
         float out = 0.0f;
         if (v >= bottom && v <= top && !(frozen_p != nullptr && frozen_p[k])) {
-          float q = 0.0f;
-          if (step != 0.0f) {
-            q = std::nearbyint(v / step);
-            q = (q < flo ? flo : (q > fhi ? fhi : q)) * step;
-          }
-          const float t = v - q;  // clip(w) = w inside the range
+          const float t = v - quantize(v, step, flo, fhi);  // clip(w) = w inside the range
           out = (t + t) * gp[k];
         }
         op[k] = static_cast<scalar_t>(out);

@@ -47,11 +47,18 @@ __device__ __forceinline__ float magnitude(float v) {
 // round-half-even (as the CPU kernels); 0 where step == 0 (s == 0, or a subnormal s whose s / L
 // underflows); the comparisons keep NaN.
 // `step` is s / L (callers compute it once per group).
+__device__ __forceinline__ float clamp_level(float r, float lo, float hi) {
+  return r < lo ? lo : (r > hi ? hi : r);
+}
+
+// The integer level clamp(round(v / step), lo, hi), for step != 0.
+__device__ __forceinline__ float grid_level(float v, float step, float lo, float hi) {
+  return clamp_level(rintf(__fdiv_rn(v, step)), lo, hi);
+}
+
 __device__ __forceinline__ float quantize(float v, float step, float lo, float hi) {
   if (step == 0.0f) return 0.0f;
-  float r = rintf(__fdiv_rn(v, step));
-  r = r < lo ? lo : (r > hi ? hi : r);
-  return __fmul_rn(r, step);
+  return __fmul_rn(grid_level(v, step, lo, hi), step);
 }
 
 // Whether PWL passes the gradient of x (SPEC §3): |x| <= s signed, 0 <= x <= s unsigned.

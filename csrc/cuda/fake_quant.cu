@@ -59,11 +59,8 @@ __global__ void __launch_bounds__(kThreads)
        k += stride) {
     const float s = scale[n_groups == 1 ? 0 : (k / inner) % n_groups];
     const float step = __fdiv_rn(s, L);
-    float v = 0.0f;  // the integer level; 0 where step == 0 (an all-zero group)
-    if (step != 0.0f) {
-      v = rintf(__fdiv_rn(static_cast<float>(x[k]), step));
-      v = v < lo ? lo : (v > hi ? hi : v);
-    }
+    // The integer level; 0 where step == 0 (an all-zero group).
+    const float v = step == 0.0f ? 0.0f : grid_level(static_cast<float>(x[k]), step, lo, hi);
     bool frozen = frozen_p[k];
     int last = level_p[k];
     if (update && !frozen && v == v) {
@@ -78,8 +75,7 @@ __global__ void __launch_bounds__(kThreads)
       ema_p[k] = ema;
       last = level;
       if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
-        const float r = rintf(ema);
-        last = static_cast<int>(r < lo ? lo : (r > hi ? hi : r));
+        last = static_cast<int>(clamp_level(rintf(ema), lo, hi));
         frozen = true;
         frozen_p[k] = true;
       }
@@ -116,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       gw[k] = static_cast<T>(out);
     } else {
-      const float d = __fsub_rn(q, v < bottom ? bottom : (v > top ? top : v));
+      const float d = __fsub_rn(q, clamp_level(v, bottom, top));
       err[k] = off ? 0.0f : __fmul_rn(d, d);
     }
   }

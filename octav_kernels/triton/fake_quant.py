@@ -152,11 +152,10 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     x = x.contiguous()
     grad_out = grad_out.to(x.dtype).contiguous()
     out = torch.empty_like(x)
-    mask = x if frozen is None else frozen.contiguous().view(torch.uint8)  # x: never read
     _fake_quantize_backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
-        grad_out, x, out, scale.reshape(-1).float().contiguous(), mask, x.numel(), g.n_groups,
-        g.inner, SIGNED=signed, MODE=GRADS.index(grad), FROZEN=frozen is not None,
-        ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
+        grad_out, x, out, scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, x),
+        x.numel(), g.n_groups, g.inner, SIGNED=signed, MODE=GRADS.index(grad),
+        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
     return out
 
 
@@ -185,12 +184,12 @@ def _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen):
     w = w.contiguous()
     out = (torch.empty(w.shape, dtype=torch.float32, device=w.device) if grad is None
            else torch.empty_like(w))
-    mask = w if frozen is None else frozen.contiguous().view(torch.uint8)  # w: never read
     _dampening_kernel[(triton.cdiv(w.numel(), _BLOCK),)](
         w, w if grad is None else grad.float().contiguous(), out,
-        scale.reshape(-1).float().contiguous(), mask, w.numel(), g.n_groups, g.inner, float(L),
-        float(lo), float(hi), BACKWARD=grad is not None, FROZEN=frozen is not None,
-        ROUND_BF16=exact_bf16_store(out.dtype), BLOCK=_BLOCK, enable_fp_fusion=False)
+        scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, w), w.numel(), g.n_groups,
+        g.inner, float(L), float(lo), float(hi), BACKWARD=grad is not None,
+        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(out.dtype), BLOCK=_BLOCK,
+        enable_fp_fusion=False)
     return out
 
 
@@ -202,6 +201,12 @@ def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narr
 def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
                        narrow=False, frozen=None):
     return _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen)
+
+
+def _frozen_arg(frozen, placeholder):
+    """The optional frozen mask as the kernels read it (uint8); without one, ``placeholder``
+    (the kernel's FROZEN=False branch never reads it)."""
+    return placeholder if frozen is None else frozen.contiguous().view(torch.uint8)
 
 
 def _f32(value: float) -> float:
