@@ -6,7 +6,7 @@ from __future__ import annotations
 from ._args import GRADS, flat_mask, groups, kernel_layout, levels, octav_constant
 from ._args import flat_scale as _flat
 from .backend import compiled
-from .reference import REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD
+from .reference import REFINE_ROUNDS, REFINE_SPREAD
 
 
 def masked_sums(x, scale, signed=True, dim=None, group_size=None):
@@ -54,7 +54,7 @@ def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=
     x, outer, n_groups, inner = kernel_layout(x, g)
     refined = compiled().refine_scale_cpu(
         x, _flat(scale), outer, n_groups, inner, *levels(bits, signed, narrow), signed,
-        REFINE_CANDIDATES, REFINE_ROUNDS, REFINE_SPREAD)
+        list(REFINE_ROUNDS), REFINE_SPREAD)
     return refined.reshape(g.scale_shape)
 
 

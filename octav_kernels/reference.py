@@ -126,9 +126,21 @@ def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
 
 
 # Refinement against the empirical MSE (SPEC §8): a bracketing search over candidate scales.
-REFINE_CANDIDATES = 8  # candidate scales per pass (K squared-error sums per element read)
-REFINE_ROUNDS = 3  # narrowing passes after the coarse one
+REFINE_ROUNDS = (4, 4, 2)  # candidate scales of each narrowing pass (the coarse pass has 6)
 REFINE_SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
+
+
+def cube_root(y):
+    """``y ** (1/3)`` for float64 ``y >= 1`` from square roots, products and quotients only, so
+    every backend forms it bit for bit (``pow`` differs between implementations in the last
+    bit): the start ``y ** (21/64)`` from repeated square roots, then 6 Newton steps."""
+    r2 = y.sqrt()
+    r4 = r2.sqrt()
+    r16 = r4.sqrt().sqrt()
+    t = r4 * r16 * r16.sqrt().sqrt()
+    for _ in range(6):
+        t = (t + t + y / (t * t)) * (1.0 / 3.0)
+    return t
 
 
 def max_magnitude(x, signed=True, dim=None, group_size=None):
@@ -166,41 +178,39 @@ def refine_search(sse, scale, a_max):
     Per group, from the start ``s0`` (the OCTAV scale; ``a_max`` where it is not a positive
     finite number) and ``m = a_max``:
 
-    1. coarse pass: ``s0``, ``m`` and K-2 points spaced geometrically from ``s0 / 1.25`` to
-       ``max(m, 1.25 s0)``. This spans both minima of Appendix G's non-convex case: the OCTAV
-       basin (outliers clipped) and the large-scale basin where small values round to zero and
-       the outliers are represented;
-    2. ``REFINE_ROUNDS`` passes of K points spaced evenly inside the bracket between the best
-       candidate's neighbours, each narrowing the bracket to two of its spacings around the best.
+    1. coarse pass, 6 candidates: ``s0``, ``m`` and 4 points spaced geometrically from
+       ``s0 / 1.25`` to ``max(m, 1.25 s0)``. This spans both minima of Appendix G's non-convex
+       case: the OCTAV basin (outliers clipped) and the large-scale basin where small values
+       round to zero and the outliers are represented;
+    2. narrowing passes of ``REFINE_ROUNDS`` = 4, 4, 2 points spaced evenly inside the bracket
+       between the best candidate's neighbours, each narrowing the bracket to two of its
+       spacings around the best.
 
     Returns the candidate with the lowest squared error seen (among exact ties, the first seen:
     the smallest of its pass), float32: never worse than ``s0`` or than ``m`` (max scaling).
     Groups with a NaN or inf ``m`` return ``m`` (SPEC §6); groups with nothing positive
     return 0.
     """
-    K = REFINE_CANDIDATES
     s0 = scale.double().reshape(-1)
     m = a_max.double().reshape(-1)
     start = torch.where((s0 > 0) & torch.isfinite(s0), s0, m)
     ok = (start > 0) & torch.isfinite(start) & (m > 0) & torch.isfinite(m)
     base = torch.where(ok, start, 1.0)
     top = torch.where(ok, m, 1.0)
-    low = base / REFINE_SPREAD
-    ratio = (torch.maximum(top, base * REFINE_SPREAD) / low) ** (1.0 / (K - 3))
-    powers = [torch.ones_like(ratio)]
-    for _ in range(K - 3):  # ratio**j by repeated products, as the compiled kernels form it
-        powers.append(powers[-1] * ratio)
-    grid = low[:, None] * torch.stack(powers, 1)
-    cand = torch.cat([grid, base[:, None], top[:, None]], 1).float().sort(1).values
+    # Quotients by tensors, not Python numbers (CUDA multiplies by the reciprocal of those).
+    low = base / torch.full_like(base, REFINE_SPREAD)
+    ratio = cube_root(torch.maximum(top, base * REFINE_SPREAD) / low)
+    grid = [low, low * ratio, low * ratio * ratio, low * ratio * ratio * ratio]
+    cand = torch.stack(grid + [base, top], 1).float().sort(1).values
     best_err, idx = sse(cand).min(1)
     best = cand.gather(1, idx[:, None]).squeeze(1).double()
     below = cand.gather(1, (idx - 1).clamp_min(0)[:, None]).squeeze(1).double()
-    above = cand.gather(1, (idx + 1).clamp_max(K - 1)[:, None]).squeeze(1).double()
+    above = cand.gather(1, (idx + 1).clamp_max(5)[:, None]).squeeze(1).double()
     lower = torch.where(idx > 0, below, best / ratio)
-    upper = torch.where(idx < K - 1, above, best * ratio)
-    steps = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
-    for _ in range(REFINE_ROUNDS):
-        width = (upper - lower) / (K + 1)
+    upper = torch.where(idx < 5, above, best * ratio)
+    for K in REFINE_ROUNDS:
+        width = (upper - lower) / torch.full_like(upper, K + 1.0)
+        steps = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
         cand = (lower[:, None] + width[:, None] * steps).float()
         err, idx = sse(cand).min(1)
         better = err < best_err

@@ -53,11 +53,11 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
                                   int64_t inner, bool is_signed, int64_t mode,
                                   const at::Tensor& frozen);
 
-// OCTAV scale polished against the empirical MSE (octav_kernels.reference.refine_search with K
-// candidates per pass, `rounds` narrowing passes, coarse spread factor `spread`), float32
+// OCTAV scale polished against the empirical MSE (octav_kernels.reference.refine_search:
+// `rounds` the candidate counts of its narrowing passes, coarse spread factor `spread`), float32
 // [n_groups].
 at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                        bool is_signed, int64_t K, int64_t rounds, double spread);
+                        bool is_signed, const std::vector<int64_t>& rounds, double spread);
 
 }  // namespace octav::cpu

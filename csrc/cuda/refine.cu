@@ -12,23 +12,22 @@
 namespace octav::cuda {
 namespace {
 
-constexpr int kCandidates = 8;  // octav_kernels.reference.REFINE_CANDIDATES
+constexpr int kMaxCandidates = 8;  // of one pass of reference.refine_search (it uses <= 6)
 constexpr int kSseBlock = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kSseBlock)
     candidate_sse_kernel(const T* __restrict__ x, const float* __restrict__ cand,
                          double* __restrict__ partials, int64_t outer, int64_t n_groups,
-                         int64_t inner, int64_t splits, int64_t per, float L, float lo,
-                         float hi) {
-  __shared__ double scratch[kSseBlock / kWarp][kCandidates];
+                         int64_t inner, int64_t splits, int64_t per, int K, float L,
+                         float lo, float hi) {
+  __shared__ double scratch[kSseBlock / kWarp][kMaxCandidates];
   const int64_t g = blockIdx.x / splits, split = blockIdx.x % splits;
-  float s[kCandidates], step[kCandidates];
-  double acc[kCandidates];
+  float step[kMaxCandidates];
+  double acc[kMaxCandidates];
 #pragma unroll
-  for (int k = 0; k < kCandidates; ++k) {
-    s[k] = cand[g * kCandidates + k];
-    step[k] = __fdiv_rn(s[k], L);
+  for (int k = 0; k < kMaxCandidates; ++k) {  // unused slots repeat the last candidate
+    step[k] = __fdiv_rn(cand[g * K + min(k, K - 1)], L);
     acc[k] = 0.0;
   }
   const int64_t len = outer * inner;
@@ -38,22 +37,23 @@ __global__ void __launch_bounds__(kSseBlock)
     const float v = static_cast<float>(x[(o * n_groups + g) * inner + (e - o * inner)]);
     const double vd = v;
 #pragma unroll
-    for (int k = 0; k < kCandidates; ++k) {
+    for (int k = 0; k < kMaxCandidates; ++k) {
+      if (k >= K) break;  // uniform across the block
       const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
       acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
     }
   }
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
-  for (int k = 0; k < kCandidates; ++k) {
+  for (int k = 0; k < kMaxCandidates; ++k) {
     for (int d = kWarp / 2; d > 0; d /= 2) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], d);
     if (lane == 0) scratch[warp][k] = acc[k];
   }
   __syncthreads();
-  if (threadIdx.x < kCandidates) {
+  if (threadIdx.x < K) {
     double total = 0.0;
     for (int w = 0; w < kSseBlock / kWarp; ++w) total += scratch[w][threadIdx.x];
-    partials[blockIdx.x * kCandidates + threadIdx.x] = total;
+    partials[blockIdx.x * K + threadIdx.x] = total;
   }
 }
 
@@ -61,8 +61,10 @@ __global__ void __launch_bounds__(kSseBlock)
 
 at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
                          int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi) {
-  TORCH_CHECK(cand.dim() == 2 && cand.size(0) == n_groups && cand.size(1) == kCandidates,
-              "candidate_sse: cand must be [n_groups, ", kCandidates, "]");
+  TORCH_CHECK(cand.dim() == 2 && cand.size(0) == n_groups && cand.size(1) >= 1 &&
+                  cand.size(1) <= kMaxCandidates,
+              "candidate_sse: cand must be [n_groups, K] with 1 <= K <= ", kMaxCandidates);
+  const int K = static_cast<int>(cand.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t len = outer * inner;
@@ -72,12 +74,12 @@ at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t ou
       1, std::min<int64_t>((len + kSseBlock * 8 - 1) / (kSseBlock * 8),
                            (4 * sms + n_groups - 1) / n_groups));
   const int64_t per = (len + splits - 1) / splits;
-  auto partials = at::empty({n_groups, splits, kCandidates}, x.options().dtype(at::kDouble));
+  auto partials = at::empty({n_groups, splits, K}, x.options().dtype(at::kDouble));
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "candidate_sse", [&] {
     const auto blocks = static_cast<unsigned>(n_groups * splits);
     candidate_sse_kernel<scalar_t><<<blocks, kSseBlock, 0, stream>>>(
         x.data_ptr<scalar_t>(), cand.data_ptr<float>(), partials.data_ptr<double>(), outer,
-        n_groups, inner, splits, per, static_cast<float>(L), static_cast<float>(lo),
+        n_groups, inner, splits, per, K, static_cast<float>(L), static_cast<float>(lo),
         static_cast<float>(hi));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
