@@ -521,12 +521,13 @@ def refine_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: boo
 
     OCTAV minimizes a model of the error (uniform noise, symmetric grid); the two's-complement
     grid, short rows and low bit widths make the real optimum differ. The search
-    (``octav_kernels.reference.refine_search``) evaluates 8 candidate scales per pass over the
-    data: a coarse pass from ``scale / 1.25`` up to ``max|x|`` (it includes ``scale`` and
-    ``max|x|``, and spans both minima of heavy-outlier data: outliers clipped, or represented
-    with the small values rounded to zero), then 3 passes that narrow the bracket around the
-    best. It returns the lowest-error candidate seen, so never a higher error than ``scale`` or
-    than max scaling. NaN/inf in a group give a NaN/inf scale; an all-zero group gives 0.
+    (``octav_kernels.reference.refine_search``) evaluates 16 candidate scales in 4 passes over
+    the data: a coarse pass of 6 from ``scale / 1.25`` up to ``max|x|`` (it includes ``scale``
+    and ``max|x|``, and spans both minima of heavy-outlier data: outliers clipped, or
+    represented with the small values rounded to zero), then passes of 4, 4 and 2 that narrow
+    the bracket around the best. It returns the lowest-error candidate seen, so never a higher
+    error than ``scale`` or than max scaling. NaN/inf in a group give a NaN/inf scale; an
+    all-zero group gives 0.
     """
     _check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
                  (("scale", scale),))
