@@ -201,14 +201,17 @@ def refine_search(sse, scale, a_max):
     # Quotients by tensors, not Python numbers (CUDA multiplies by the reciprocal of those).
     low = base / torch.full_like(base, REFINE_SPREAD)
     ratio = cube_root(torch.maximum(top, base * REFINE_SPREAD) / low)
-    grid = [low, low * ratio, low * ratio * ratio, low * ratio * ratio * ratio]
+    grid = [low]
+    for _ in range(3):  # low * ratio**j by repeated products, as the C++ search forms them
+        grid.append(grid[-1] * ratio)
     cand = torch.stack(grid + [base, top], 1).float().sort(1).values
+    last = cand.shape[1] - 1
     best_err, idx = sse(cand).min(1)
     best = cand.gather(1, idx[:, None]).squeeze(1).double()
     below = cand.gather(1, (idx - 1).clamp_min(0)[:, None]).squeeze(1).double()
-    above = cand.gather(1, (idx + 1).clamp_max(5)[:, None]).squeeze(1).double()
+    above = cand.gather(1, (idx + 1).clamp_max(last)[:, None]).squeeze(1).double()
     lower = torch.where(idx > 0, below, best / ratio)
-    upper = torch.where(idx < 5, above, best * ratio)
+    upper = torch.where(idx < last, above, best * ratio)
     for K in REFINE_ROUNDS:
         width = (upper - lower) / torch.full_like(upper, K + 1.0)
         steps = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
