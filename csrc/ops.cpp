@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dampening_error_cpu", &octav::cpu::dampening_error);
   m.def("dampening_backward_cpu", &octav::cpu::dampening_backward);
   m.def("refine_scale_cpu", &octav::cpu::refine_scale);
+  m.def("candidate_sse_cpu", &octav::cpu::candidate_sse);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("masked_sums_cuda", &octav::cuda::masked_sums);

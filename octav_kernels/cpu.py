@@ -49,6 +49,13 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
         last_int, last_dir, frozen, osc_freq, int_ema, momentum, freeze_threshold, update)
 
 
+def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """One pass of the C++ refinement search (its ``refine_scale`` runs them internally)."""
+    x, outer, n_groups, inner = kernel_layout(x, groups(x, dim, group_size))
+    return compiled().candidate_sse_cpu(x, cand.float().contiguous(), outer, n_groups, inner,
+                                        *levels(bits, signed, narrow))
+
+
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
     g = groups(x, dim, group_size)
     x, outer, n_groups, inner = kernel_layout(x, g)

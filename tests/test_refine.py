@@ -120,9 +120,9 @@ def test_refine_scale_parity_larger_groups(name, bits, case):
 
 
 @pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", [b for b in KERNEL_BACKENDS if b.values[0] != "cpu"])
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
 def test_candidate_sse_parity(name, gran):
-    """The pass the Triton and CUDA backends run (the C++ backend fuses it into its search)."""
+    """One pass of the search (the C++ backend runs its passes inside its own search)."""
     x = make_data(MATRIX_SHAPE, torch.bfloat16, seed=5)
     g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))
     gen = torch.Generator().manual_seed(1)
@@ -131,6 +131,39 @@ def test_candidate_sse_parity(name, gran):
     kernels = importlib.import_module(f"octav_kernels.{name}")
     torch.testing.assert_close(kernels.candidate_sse(x, cand, 3, True, g.dim, g.group_size),
                                expected, rtol=SSE_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_candidate_sse_terms_are_exact(name):
+    """Rows whose elements all lie within twice the lowest candidate's clip level (the C++ pass
+    takes their differences q - x in float, exact there) and rows with outliers far beyond it
+    (where a float difference would round by ~1e-8 of the sum): the sums match the reference to
+    the order of a float64 sum either way."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5000, generator=gen) * 0.5
+    x[1::2, ::700] *= 4000.0  # odd rows: outliers ~2000, clip levels 2-3.5
+    cand = 2.0 + 1.5 * torch.rand(6, 4, generator=gen)  # fine low bits: q - x would round
+    x, cand = on_device(x), on_device(cand)
+    kernels = importlib.import_module(f"octav_kernels.{name}")
+    for signed in (True, False):
+        expected = reference.candidate_sse(x, cand, 4, signed, dim=0)
+        torch.testing.assert_close(kernels.candidate_sse(x, cand, 4, signed, dim=0), expected,
+                                   rtol=SSE_RTOL, atol=0.0)
+
+
+@pytest.mark.skipif(not ok.backend.available("cpu", torch.device("cpu")),
+                    reason="octav_kernels._C not built")
+@pytest.mark.parametrize("cpu_pass", ["avx2", "portable"])
+def test_other_cpu_passes(cpu_pass):
+    """The C++ search's passes for CPUs without AVX-512 (AVX2 + FMA intrinsics) and without AVX2
+    (portable loops), which this file's tests run only on such CPUs: its C++ tests again, in a
+    child process with OCTAV_CPU_PASS set (avx2 runs the portable pass on a CPU without it)."""
+    env = dict(os.environ, OCTAV_CPU_PASS=cpu_pass)
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:xdist",
+                           "-p", "no:cacheprovider", "-k", "cpu and not other_cpu_passes"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 # ------------------------------------------------------------- what the search guarantees

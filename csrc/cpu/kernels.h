@@ -60,4 +60,10 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t ou
                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
                         bool is_signed, const std::vector<int64_t>& rounds, double spread);
 
+// One pass of that search: the squared error of the SPEC §1 quantizer per group at each of K
+// candidate scales cand [n_groups, K] (float32, K <= 16), float64 [n_groups, K]
+// (octav_kernels.reference.candidate_sse).
+at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
+                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi);
+
 }  // namespace octav::cpu
