@@ -5,16 +5,17 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 # The CUDA build check: compiles and links csrc/cuda/*.cu against a CUDA build of torch in its own
-# venv (no GPU needed), without touching the CPU build of .venv.
+# venv (no GPU needed), without touching the CPU build of .venv, then checks the dispatcher
+# registrations and the architectures in the binary (.ci/check_cuda_build.py).
 CUDA_TORCH ?= torch==2.14.1
 CUDA_VENV := .venv-cuda
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(patsubst %/bin/nvcc,%,$(shell command -v nvcc)))
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: run test bench demo cuda-build asan
+.PHONY: run test lint bench demo cuda-build asan
 
 run: $(VENV)/.built
 	$(PY) -m octav_kernels
@@ -24,11 +25,16 @@ run: $(VENV)/.built
 test: $(VENV)/.built
 	OCTAV_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest tests -q
 
+# Lint of the Python sources (ruff.toml); CI runs it before the tests.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+
 bench: $(VENV)/.built
 	$(PY) bench/bench_octav.py --out bench/results/cpu_octav.md
 	$(PY) bench/bench_fake_quant.py --out bench/results/cpu_fake_quant.md
 	$(PY) bench/bench_refine.py --out bench/results/cpu_refine.md
 	$(PY) bench/bench_oscillation.py --out bench/results/cpu_oscillation.md
+	$(PY) bench/bench_overhead.py --out bench/results/cpu_overhead.md
 
 # The end-to-end QAT demos (scikit-learn digits, ~5 + ~4 min on 2 cores).
 demo: $(VENV)/.built
@@ -38,11 +44,7 @@ demo: $(VENV)/.built
 cuda-build: $(CUDA_VENV)/.deps
 	CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" OCTAV_FORCE_CUDA=1 \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-tmp --build-lib build/cuda
-	$(CUDA_VENV)/bin/python -c "import importlib.util as u, glob, torch; \
-	  spec = u.spec_from_file_location('octav_kernels._C', glob.glob('build/cuda/octav_kernels/_C*.so')[0]); \
-	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
-	  assert m.with_cuda and hasattr(m, 'octav_fake_quantize_cuda') and hasattr(m, 'candidate_sse_cuda') \
-	    and hasattr(m, 'fake_quantize_tracked_cuda'); print('CUDA extension built and loads')"
+	$(CUDA_VENV)/bin/python .ci/check_cuda_build.py
 
 # The C++ kernels under AddressSanitizer: a copy of the tracked sources built with
 # -fsanitize=address, then the CPU parity tests with libasan preloaded (~2 min; not in CI).
@@ -59,14 +61,15 @@ asan: $(VENV)/.deps
 $(CUDA_VENV)/.deps:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CUDA_VENV)/bin/python -m pip install --quiet "$(CUDA_TORCH)" numpy ninja setuptools
+	$(CUDA_VENV)/bin/python -m pip install --quiet "$(CUDA_TORCH)" numpy ninja setuptools \
+	  "nvidia-cuda-cuobjdump>=13,<14"
 	touch $@
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis \
-	  scikit-learn
+	  scikit-learn ruff
 	touch $@
 
 # No build isolation: the extension must compile against the torch installed above.

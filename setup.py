@@ -13,8 +13,9 @@ parity tests against such a build).
 
 The CUDA kernels (csrc/cuda/) are compiled in when torch is a CUDA build and a CUDA toolkit is
 found (CUDA_HOME, or nvcc on PATH); OCTAV_FORCE_CUDA=1 makes a missing toolkit an error instead of
-a CPU-only build. Architectures: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). A GPU is not needed to
-build.
+a CPU-only build. Architectures: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"). A GPU is not needed
+to build. The CUDA kernels are compiled without FMA contraction (--fmad=false), like the C++ ones
+(-ffp-contract=off).
 """
 
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def sources(folder: str, pattern: str) -> list[str]:
@@ -60,11 +62,14 @@ def extensions():
         cxx += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
         link += [f"-fsanitize={sanitizer}"]
     if not with_cuda():
-        ext = CppExtension("octav_kernels._C", ["csrc/ops.cpp"] + sources("cpu", "*.cpp"),
+        ext = CppExtension("octav_kernels._C", sources(".", "*.cpp") + sources("cpu", "*.cpp"),
                            extra_compile_args=cxx, extra_link_args=link)
         return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # SASS for sm_80 (A100; runs on sm_86/sm_89: A10, L4, L40S, RTX 30/40) and sm_90 (H100/H200),
+    # plus compute_90 PTX that the driver compiles for newer GPUs (B200, RTX 50). Older GPUs
+    # (T4, V100) have no image: octav_kernels serves them from Triton, with a warning.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     include_dirs = []
     try:  # pip's CUDA torch ships the toolkit headers it was built with (cusparse.h, ...)
         import nvidia
@@ -75,10 +80,10 @@ def extensions():
         pass
     ext = CUDAExtension(
         "octav_kernels._C",
-        ["csrc/ops.cpp"] + sources("cpu", "*.cpp") + sources("cuda", "*.cu"),
+        sources(".", "*.cpp") + sources("cpu", "*.cpp") + sources("cuda", "*.cu"),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + ["-DOCTAV_WITH_CUDA"],
-                            "nvcc": ["-O3", "-DOCTAV_WITH_CUDA"]},
+                            "nvcc": ["-O3", "--fmad=false", "-DOCTAV_WITH_CUDA"]},
         extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

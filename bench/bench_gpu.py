@@ -55,8 +55,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from bench_octav import cpu_name, emit, median_ms, torch_naive_loop

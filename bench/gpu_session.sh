@@ -2,7 +2,9 @@
 # What a GPU session should run, in two device calls of < 10 min each on an H100 (the build is
 # kept between calls while the machine stays warm):
 #   checks: build the CUDA kernels, the GPU parity suite (compiled Triton + CUDA against the
-#           reference), the >2^31-element test, compute-sanitizer memcheck and racecheck (~5 min);
+#           reference; test_cuda.py: every solver path at this GPU's shared-memory budget, a second
+#           GPU when there is one, the Triton multi-program pass), the >2^31-element test,
+#           compute-sanitizer memcheck and racecheck (~5 min);
 #   bench:  the GPU benchmark -> gpu_bench.md + gpu_bandwidth.png, and the oscillation-tracking
 #           benchmark -> gpu_oscillation.md, for bench/results/ (~6 min).
 # Logs and tables go to $OUT (default gpu-out). From the repository root on the GPU machine:
@@ -35,11 +37,20 @@ OCTAV_LARGE_TESTS=1 timeout 120 python3 -m pytest tests/test_robustness.py -q -k
   -p no:cacheprovider 2>&1 | tail -2
 
 step "compute-sanitizer memcheck / racecheck"
+# Each selection must run tests (pytest exits 5 when it selects none: the racecheck of an
+# earlier session selected none).
+memcheck="float32 or not solver"
+racecheck="solver_paths and float32 and not unsigned"
+for k in "$memcheck" "$racecheck"; do
+  n=$(python3 -m pytest tests/test_cuda.py -q --co -p no:cacheprovider -k "$k" | grep -c "::")
+  echo "selection '$k': $n tests"
+  [ "$n" -gt 0 ] || exit 1
+done
 timeout 150 compute-sanitizer --tool memcheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "float32 or not solver" > "$OUT/memcheck.log" 2>&1
+  -p no:cacheprovider -k "$memcheck" > "$OUT/memcheck.log" 2>&1
 tail -3 "$OUT/memcheck.log"
 timeout 240 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "solver_paths and signed-torch.float32" > "$OUT/racecheck.log" 2>&1
+  -p no:cacheprovider -k "$racecheck" > "$OUT/racecheck.log" 2>&1
 tail -3 "$OUT/racecheck.log"
 
 fi

@@ -1,36 +1,44 @@
-// Python bindings of the compiled kernels (octav_kernels._C). The op schemas, checks, fake
-// kernels and autograd live in octav_kernels/ops.py, so the package works without this module;
-// octav_kernels/backend.py decides when these kernels serve a call.
+// octav_kernels._C: loading it registers the C++ kernels of the octav ops with PyTorch's
+// dispatcher: the CPU kernels (csrc/cpu/) and, when built with a CUDA toolkit, the CUDA kernels
+// (csrc/cuda/) through the entry points of ops.h, and the autograd of the differentiable ops
+// (autograd.cpp). The schemas are defined once, in Python (octav_kernels/ops/), so that the
+// package also works without this module; octav_kernels/backend.py registers what is not here
+// (the reference as every op's default kernel, Triton, the CUDA refinement's driver).
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "cuda/solver_path.h"
+#include "ops.h"
 #ifdef OCTAV_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
 
+namespace octav {
+
+TORCH_LIBRARY_IMPL(octav, CPU, m) {
+  ops::register_ops<cpu::Kernels>(m);
+  m.impl("refine_scale", &ops::refine_scale<cpu::Kernels>);  // the whole search in C++
+}
+
+#ifdef OCTAV_WITH_CUDA
+// refine_scale on CUDA: octav_kernels.drivers' search over these kernels' _candidate_sse.
+TORCH_LIBRARY_IMPL(octav, CUDA, m) { ops::register_ops<cuda::Kernels>(m); }
+#endif
+
+}  // namespace octav
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "octav_kernels compiled kernels";
-  m.def("masked_sums_cpu", &octav::cpu::masked_sums);
-  m.def("octav_scale_cpu", &octav::cpu::octav_scale);
-  m.def("fake_quantize_cpu", &octav::cpu::fake_quantize);
-  m.def("fake_quantize_backward_cpu", &octav::cpu::fake_quantize_backward);
-  m.def("fake_quantize_tracked_cpu", &octav::cpu::fake_quantize_tracked);
-  m.def("dampening_error_cpu", &octav::cpu::dampening_error);
-  m.def("dampening_backward_cpu", &octav::cpu::dampening_backward);
-  m.def("refine_scale_cpu", &octav::cpu::refine_scale);
-  m.def("candidate_sse_cpu", &octav::cpu::candidate_sse);
+  m.doc() = "octav_kernels compiled kernels (registered with the dispatcher on import)";
+  // The CUDA OCTAV solver's path for given group sizes and shared-memory budget (a host-only
+  // decision, in every build, so that the tests of a CPU machine check it).
+  m.def("cuda_solver_path", [](int64_t n_groups, int64_t len, int64_t elem_size, int64_t budget) {
+    return octav::cuda::path_name(octav::cuda::solver_path(n_groups, len, elem_size, budget));
+  });
+  m.def("cuda_smem_budget", &octav::cuda::smem_budget);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("masked_sums_cuda", &octav::cuda::masked_sums);
-  m.def("octav_scale_cuda", &octav::cuda::octav_scale);
-  m.def("octav_fake_quantize_cuda", &octav::cuda::octav_fake_quantize);
-  m.def("fake_quantize_cuda", &octav::cuda::fake_quantize);
-  m.def("fake_quantize_backward_cuda", &octav::cuda::fake_quantize_backward);
-  m.def("fake_quantize_tracked_cuda", &octav::cuda::fake_quantize_tracked);
-  m.def("dampening_error_cuda", &octav::cuda::dampening_error);
-  m.def("dampening_backward_cuda", &octav::cuda::dampening_backward);
-  m.def("masked_backward_cuda", &octav::cuda::masked_backward);
-  m.def("candidate_sse_cuda", &octav::cuda::candidate_sse);
+  m.def("cuda_kernels_run_on", &octav::cuda::kernels_run_on);
+  m.def("cuda_octav_smem_budget", &octav::cuda::octav_smem_budget);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -1,19 +1,25 @@
 """octav_kernels: fused OCTAV optimal-clipping quantization for PyTorch QAT.
 
+Layers (imports go one way, down): ``ops`` (the ``torch.ops.octav`` ops: schemas, checks,
+autograd, wrappers) -> ``backend`` (which kernels serve them: C++ / CUDA in
+``octav_kernels._C``, ``octav_kernels.triton``, ``octav_kernels.reference``) ; ``calibrate``
+(baseline scales), ``distributed``; ``qat`` (quantizers, layers, model conversion, oscillation
+control) on top.
+
 Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_quantize``,
 ``octav_fake_quantize``, ``refine_scale`` (OCTAV polished against the empirical MSE; also
-``refine=True`` on ``octav_scale`` / ``octav_fake_quantize``). Baselines for calibration:
+``refine=True`` on ``octav_scale`` / ``octav_fake_quantize``), and for weight oscillations
+``fake_quantize_tracked``, ``OscillationState``, ``dampening_loss``. Baselines for calibration:
 ``max_scale``, ``percentile_scale``, ``mse_sweep_scale``, and the ``Calibrator`` classes over
-all of them. QAT: the modules in ``octav_kernels.nn`` (``Quantizer``, ``QuantAct``,
-``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``) and the model helpers ``quantize_model``,
-``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``. Weight oscillations
-(``octav_kernels.oscillation``): ``OscillationControl``, ``Ramp``, ``fake_quantize_tracked``,
-``OscillationState``, ``dampening_loss``. Data split across ranks:
-``octav_kernels.distributed``. Backend control: ``use_backend`` / ``OCTAV_BACKEND``.
+all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLinear``,
+``QuantConv1d``, ``QuantConv2d``, ``QuantConfig``, the model helpers ``quantize_model``,
+``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``, ``check_finite``, and
+``OscillationControl`` / ``Ramp``. Data split across ranks: ``octav_kernels.distributed``.
+Backend control (tests, debugging): ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
-from . import distributed
-from .backend import use_backend
+from . import distributed, nn, oscillation
+from .backend import use_backend  # registers the kernels with the dispatcher
 from .calibrate import (
     Calibrator,
     MaxCalibrator,
@@ -26,18 +32,28 @@ from .calibrate import (
     percentile_scale,
     quantization_mse,
 )
-from .nn import QuantAct, QuantConv1d, QuantConv2d, Quantizer, QuantLinear
-from .ops import fake_quantize, masked_sums, octav_fake_quantize, octav_scale, refine_scale
-from .oscillation import (
-    OscillationControl,
+from .ops import (
     OscillationState,
-    Ramp,
     dampening_loss,
+    fake_quantize,
     fake_quantize_tracked,
+    masked_sums,
+    octav_fake_quantize,
+    octav_scale,
+    refine_scale,
 )
 from .qat import (
+    OscillationControl,
+    QuantAct,
+    QuantConfig,
+    QuantConv1d,
+    QuantConv2d,
+    Quantizer,
+    QuantLinear,
+    Ramp,
     calibrate_model,
     calibration,
+    check_finite,
     dequantize_model,
     quantize_model,
     quantizers,
@@ -53,6 +69,7 @@ __all__ = [
     "OctavCalibrator",
     "PercentileCalibrator",
     "QuantAct",
+    "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
@@ -60,6 +77,7 @@ __all__ = [
     "Ramp",
     "calibrate_model",
     "calibration",
+    "check_finite",
     "dampening_loss",
     "dequantize_model",
     "distributed",
@@ -69,8 +87,10 @@ __all__ = [
     "masked_sums",
     "max_scale",
     "mse_sweep_scale",
+    "nn",
     "octav_fake_quantize",
     "octav_scale",
+    "oscillation",
     "percentile_scale",
     "quantization_mse",
     "quantize_model",

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import calibrate, ops
-from .backend import select, use_backend
+from .backend import serving, use_backend
 
 
 def builtin_tensors(numel: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, f
 
 
 def run(numel: int, bits_list: list[int], repeats: int) -> list[str]:
-    backend_name = select(torch.device("cpu")).__name__.rsplit(".", 1)[1]
+    backend_name = serving(torch.device("cpu"))
     lines = [
         f"OCTAV calibration on built-in tensors of {numel:,} elements, per tensor, signed "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads, octav backend "
@@ -70,7 +70,7 @@ def run(numel: int, bits_list: list[int], repeats: int) -> list[str]:
         for bits in bits_list:
             rows = []
             for method, fn in methods(bits).items():
-                scale, ms = timed(lambda: fn(x), repeats)
+                scale, ms = timed(lambda fn=fn, x=x: fn(x), repeats)
                 mse = calibrate.quantization_mse(x, scale, bits).item()
                 rows.append((method, scale.item(), mse, ms))
             best = next(mse for method, _, mse, _ in rows if method == "mse-sweep-100")

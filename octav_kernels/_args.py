@@ -64,14 +64,63 @@ def check_narrow(narrow: bool, signed: bool) -> None:
         raise ValueError("narrow=True applies to signed grids only; got signed=False")
 
 
-def check_iteration(max_iters: object, rtol: object) -> None:
+# The largest max_iters any backend accepts (the recursion converges in tens of steps).
+MAX_ITERS = 1 << 16
+
+
+def check_iteration_types(max_iters: object, rtol: object) -> None:
     check_int(max_iters, "max_iters")
-    if max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
         raise TypeError(f"rtol must be a float, got {type(rtol).__name__}")
+
+
+def check_iteration(max_iters: object, rtol: object) -> None:
+    check_iteration_types(max_iters, rtol)
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    if max_iters > MAX_ITERS:
+        raise ValueError(f"max_iters must be <= {MAX_ITERS}, got {max_iters}")
     if not 0.0 <= rtol < float("inf"):
         raise ValueError(f"rtol must be finite and >= 0, got {rtol}")
+
+
+def check_types(x, bits=None, dim=None, group_size=None, flags=(), tensors=()) -> None:
+    """Python-type checks of a public wrapper's arguments, which the dispatcher would otherwise
+    report as a bare RuntimeError."""
+    check_x(x)
+    if bits is not None:
+        check_int(bits, "bits")
+    for name, value in (("dim", dim), ("group_size", group_size)):
+        if value is not None:
+            check_int(value, name)
+    for name, value in flags:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in tensors:
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_common(x, bits, signed, dim, group_size, narrow=False) -> Groups:
+    """x, bits (None: the op takes none), the grid and the granularity: the checks every op
+    starts with; returns the group layout."""
+    check_x(x)
+    if bits is not None:
+        check_bits(bits)
+    check_narrow(narrow, signed)
+    return groups(x, dim, group_size)
+
+
+def check_with_scale(x, scale, bits, signed, dim, group_size, narrow):
+    g = check_common(x, bits, signed, dim, group_size, narrow)
+    return g, check_scale(scale, x, g)
+
+
+def check_octav(x, bits, signed, dim, group_size, init, narrow):
+    g = check_common(x, bits, signed, dim, group_size, narrow)
+    if init is not None:
+        init = check_scale(init, x, g, "init")
+    return g, init
 
 
 def groups(x: torch.Tensor, dim: int | None, group_size: int | None) -> Groups:

@@ -1,41 +1,47 @@
-"""The one place that decides which kernels serve a call.
+"""Which kernels serve the ``octav`` ops: registered once with PyTorch's dispatcher, which then
+picks the kernel of each call by its tensors' device (no Python on that path).
 
-Backends (each a module with ``masked_sums``, ``octav_scale``, ``fake_quantize`` and
-``fake_quantize_backward``, and optionally a fused ``octav_fake_quantize``, all with the
-signatures of ``octav_kernels.reference``; without a fused one, ops.py composes the first two):
-
-- ``cpu``: the C++ kernels of ``octav_kernels._C``; default for CPU tensors.
+- ``cpu``: the C++ kernels of ``octav_kernels._C`` (csrc/cpu/), registered for the CPU key by the
+  extension itself, with the autograd of the differentiable ops (csrc/autograd.cpp).
 - ``cuda``: the hand-written CUDA kernels of ``octav_kernels._C`` (csrc/cuda/, compiled when the
-  extension is built with a CUDA toolkit); default for CUDA tensors when built (measured faster
-  than Triton: bench/results/gpu_bench.md).
-- ``triton``: ``octav_kernels.triton``; default for CUDA tensors when the CUDA kernels are not
-  built. Runs on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is imported),
-  which is how the tests check it.
-- ``reference``: plain PyTorch (``octav_kernels.reference``); any device, and the fallback when
-  neither kernel backend can serve a tensor.
+  extension is built with a CUDA toolkit), registered for the CUDA key; measured faster than
+  Triton (bench/results/gpu_bench.md). A GPU the build has no kernel image for is served by
+  Triton, with one warning, decided once when torch initializes CUDA (``gpu_plan``, ``route``).
+- ``triton``: ``octav_kernels.triton``, registered here for the CUDA key when the CUDA kernels
+  are not built. Runs on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is
+  imported), which is how the tests check it.
+- ``reference``: plain PyTorch (``octav_kernels.reference``), registered as every op's default
+  kernel: it serves any device without kernels of its own, and everything when ``_C`` is
+  missing (one warning at import), with the autograd formulas of ``octav_kernels.ops``.
 
-Force one with ``OCTAV_BACKEND=reference|cpu|triton|cuda`` in the environment (read on every
-call) or ``with octav_kernels.use_backend("triton"):``; ``auto`` (the default) picks as above.
-A forced backend that cannot serve a tensor raises ``RuntimeError``; it never falls back silently.
+For tests and debugging, ``with octav_kernels.use_backend("triton"):`` (or ``OCTAV_BACKEND=...``
+in the environment, read once at import) serves every op from one backend: its kernels are
+registered over the default ones for the block and removed after it. A forced backend that
+cannot serve a device raises ``RuntimeError`` there; it never falls back silently. ``auto`` (the
+default) is the registration above.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Iterator
 
 import torch
 
+from . import drivers, reference
+from .ops import OPS
+from .ops.refine import _refine_kernel
+
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+_DEVICE_KEYS = (("cpu", "CPU"), ("cuda", "CUDA"))
 
-_forced: str | None = None
-
-try:
+try:  # registers the C++ kernels with the dispatcher
     from . import _C  # type: ignore[attr-defined]
 except ImportError as _err:  # built without a compiler, or OCTAV_SKIP_EXT=1
     _C = None
@@ -68,27 +74,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def requested() -> str:
-    """The backend asked for: ``use_backend`` if active, else ``$OCTAV_BACKEND``, else auto."""
-    name = _forced or os.environ.get("OCTAV_BACKEND", "auto") or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"OCTAV_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Serve every op inside the ``with`` block from backend ``name`` (see module docstring)."""
-    global _forced
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
 def available(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can serve tensors on ``device``."""
     if name == "reference":
@@ -101,22 +86,192 @@ def available(name: str, device: torch.device) -> bool:
     return cuda_kernels_built() and device.type == "cuda"
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module that serves a call on ``device``."""
-    name = requested()
-    if name == "auto":
-        if device.type == "cpu":
-            name = "cpu" if _C is not None else "reference"
-        elif device.type == "cuda" and cuda_kernels_built():
-            name = "cuda"
-        elif device.type == "cuda" and triton_available():
-            name = "triton"
-        else:
-            name = "reference"
-    elif not available(name, device):
+def native(device_type: str) -> str:
+    """The backend the default registration serves ``device_type`` tensors from."""
+    if device_type == "cpu":
+        return "cpu" if _C is not None else "reference"
+    if device_type == "cuda":
+        if cuda_kernels_built():
+            return "cuda"
+        return "triton" if triton_available() else "reference"
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# Python kernels: each op's checks around a backend module's function of the same name (without
+# the leading underscore of internal ops), with the reference's signature.
+
+
+def _module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    if name == "triton":
+        return importlib.import_module("octav_kernels.triton")
+    raise ValueError(name)
+
+
+def _lazy(backend: str, fn: str) -> Callable:
+    """``backend``'s function ``fn``, imported at its first call (Triton's import is slow)."""
+    def call(*args):
+        return getattr(_module(backend), fn)(*args)
+    return call
+
+
+def _cuda_refine(x, scale, bits, signed, dim, group_size, narrow):
+    """refine_scale on the CUDA kernels: the shared search over their ``_candidate_sse``."""
+    return drivers.refine_scale(torch.ops.octav._candidate_sse.default, x, scale, bits, signed,
+                                dim, group_size, narrow)
+
+
+def _register_python(lib: torch.library.Library, backend: str, key: str) -> None:
+    for op in OPS.values():
+        lib.impl(op.name, op.kernel(_lazy(backend, op.name.lstrip("_"))), key)
+
+
+def _register_unavailable(lib: torch.library.Library, backend: str, device_type: str,
+                          key: str) -> None:
+    def refuse(*args, **kwargs):
         raise RuntimeError(
-            f"octav backend {name!r} cannot serve {device.type} tensors here "
-            "(cpu needs the compiled extension and CPU tensors; triton needs triton and CUDA "
-            "tensors, or TRITON_INTERPRET=1 for CPU tensors; cuda needs CUDA tensors and an "
-            "extension built with a CUDA toolkit)")
-    return importlib.import_module(f"octav_kernels.{name}")
+            f"octav backend {backend!r} cannot serve {device_type} tensors here (cpu needs the "
+            "compiled extension and CPU tensors; triton needs triton and CUDA tensors, or "
+            "TRITON_INTERPRET=1 for CPU tensors; cuda needs CUDA tensors and an extension built "
+            "with a CUDA toolkit)")
+    for op in OPS.values():
+        lib.impl(op.name, refuse, key)
+
+
+# The default registration, for the life of the process.
+_default = torch.library.Library("octav", "IMPL")
+_register_python(_default, "reference", "CompositeExplicitAutograd")
+if _C is None:
+    for _op in OPS.values():
+        if _op.backward is not None:
+            torch.library.register_autograd(f"octav::{_op.name}", _op.backward,
+                                            setup_context=_op.setup_context, lib=_default)
+if cuda_kernels_built():
+    _default.impl("refine_scale", _refine_kernel(_cuda_refine), "CUDA")
+elif triton_available():
+    _register_python(_default, "triton", "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs without a kernel image in this build (e.g. T4 / V100 for the default "8.0;9.0+PTX"):
+# decided once, when torch initializes CUDA.
+
+_gpu_fallback = torch.library.Library("octav", "IMPL")
+
+
+def gpu_plan(count: int, runs_on: Callable[[int], bool]) -> set[int]:
+    """The GPUs (indices 0..count-1) the CUDA kernels cannot run on."""
+    return {i for i in range(count) if not runs_on(i)}
+
+
+def route(cpp: Callable, python: Callable, unsupported: set[int]) -> Callable:
+    """A kernel that hands calls on the ``unsupported`` GPUs (by ``Tensor.get_device()`` of the
+    first tensor argument) to ``python`` and the others to ``cpp``."""
+    def kernel(*args):
+        device = next(a.get_device() for a in args if isinstance(a, torch.Tensor))
+        return python(*args) if device in unsupported else cpp(*args)
+    return kernel
+
+
+def _serve_unsupported_gpus() -> None:
+    unsupported = gpu_plan(torch.cuda.device_count(), compiled().cuda_kernels_run_on)
+    if not unsupported:
+        return
+    fallback = "triton" if triton_available() else "reference"
+    names = ", ".join(f"{i} ({torch.cuda.get_device_name(i)}, sm_"
+                      f"{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                      for i in sorted(unsupported))
+    warnings.warn(f"octav_kernels: the CUDA kernels of this build have no kernel image for GPU "
+                  f"{names}; its tensors are served by the {fallback} kernels instead (slower). "
+                  "Rebuild with TORCH_CUDA_ARCH_LIST including its architecture to use them.",
+                  RuntimeWarning, stacklevel=2)
+    everywhere = len(unsupported) == torch.cuda.device_count()
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for op in OPS.values():
+        python = op.kernel(_lazy(fallback, op.name.lstrip("_")))
+        if op.name == "refine_scale":  # the driver, over _candidate_sse (routed itself)
+            continue
+        if everywhere:
+            _gpu_fallback.impl(op.name, python, "CUDA")
+            continue
+        cpp_kernel = torch.library.get_kernel(f"octav::{op.name}", "CUDA")
+        _gpu_fallback.impl(op.name, route(functools.partial(cpp_kernel.call_boxed, keys),
+                                          python, unsupported), "CUDA")
+    if _forced:  # a forced backend stays on top
+        _forced[-1] = (_forced[-1][0], _override(_forced[-1][0], _forced[-1][1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing a backend (tests, debugging)
+
+_forced: list[tuple[str, torch.library.Library | None]] = []
+
+
+def _override(name: str, replaces: torch.library.Library | None = None
+              ) -> torch.library.Library | None:
+    """Registers ``name``'s kernels over the default ones on every device key where it is not
+    already what serves that device (or kernels that refuse, where it cannot serve it), after
+    removing ``replaces`` (the previous override)."""
+    if replaces is not None:
+        replaces._destroy()
+    if name == "auto":
+        return None
+    lib = torch.library.Library("octav", "IMPL")
+    with warnings.catch_warnings():  # the dispatcher warns that kernels are overridden
+        warnings.simplefilter("ignore")
+        for device_type, key in _DEVICE_KEYS:
+            if native(device_type) == name:
+                continue
+            if available(name, torch.device(device_type)) and name in ("reference", "triton"):
+                _register_python(lib, name, key)
+            else:
+                _register_unavailable(lib, name, device_type, key)
+    return lib
+
+
+def requested() -> str:
+    """The backend forced now (``use_backend`` or ``$OCTAV_BACKEND`` at import), else auto."""
+    return _forced[-1][0] if _forced else "auto"
+
+
+def serving(device: torch.device) -> str:
+    """The backend that serves ``device``'s tensors now."""
+    name = requested()
+    return native(device.type) if name == "auto" else name
+
+
+def _push(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if _forced:
+        _forced[-1] = (_forced[-1][0], _override("auto", _forced[-1][1]))
+    _forced.append((name, _override(name)))
+
+
+def _pop() -> None:
+    _, lib = _forced.pop()
+    _override("auto", lib)
+    if _forced:
+        _forced[-1] = (_forced[-1][0], _override(_forced[-1][0]))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Serve every op inside the ``with`` block from backend ``name`` (see module docstring)."""
+    _push(name)
+    try:
+        yield
+    finally:
+        _pop()
+
+
+if os.environ.get("OCTAV_BACKEND", "auto") not in ("", "auto"):
+    if os.environ["OCTAV_BACKEND"] not in BACKENDS:
+        raise ValueError(f"OCTAV_BACKEND must be one of {BACKENDS}, got "
+                         f"{os.environ['OCTAV_BACKEND']!r}")
+    _push(os.environ["OCTAV_BACKEND"])
+
+if cuda_kernels_built():
+    torch.cuda._lazy_call(_serve_unsupported_gpus)

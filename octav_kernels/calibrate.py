@@ -12,13 +12,19 @@ import torch
 
 from . import _args
 from .ops import fake_quantize, octav_scale
-from .reference import _as_rows, quantize_to_grid
+
+
+def _as_rows(x: torch.Tensor, g: _args.Groups) -> torch.Tensor:
+    """``x`` as ``[n_groups, group_len]``, one group per row."""
+    if g.dim is not None:
+        return x.movedim(g.dim, 0).reshape(g.n_groups, -1)
+    return x.reshape(g.n_groups, -1)
 
 
 def _rows(x, dim, group_size):
     """The granularity of ``x`` and ``x`` as float32 ``[n_groups, group_len]`` rows."""
     g = _args.groups(_args.check_x(x), dim, group_size)
-    return g, _as_rows(x, g.dim, g.group_size).float()
+    return g, _as_rows(x, g).float()
 
 
 def _magnitudes(rows, signed):
@@ -60,7 +66,7 @@ def quantization_mse(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed:
                       narrow=narrow)
     g = _args.groups(x, dim, group_size)
     err = (q.double() - x.double()).square()
-    return _as_rows(err, g.dim, g.group_size).mean(1).reshape(g.scale_shape)
+    return _as_rows(err, g).mean(1).reshape(g.scale_shape)
 
 
 def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
@@ -76,13 +82,21 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     if rows.numel() == 0:
         return s_max
     L, lo, hi = _args.levels(bits, signed, narrow)
-    fractions = torch.arange(1, points + 1, dtype=torch.float32, device=x.device) / points
+    # Quotients by tensors: CUDA divides by a Python number as a product with its reciprocal,
+    # which would make the candidates (and the steps) differ from the CPU's in the last bit.
+    def divisor(value):
+        return torch.tensor(value, dtype=torch.float32, device=x.device)
+
+    fractions = torch.arange(1, points + 1, dtype=torch.float32, device=x.device) / divisor(points)
     best_err = torch.full((rows.shape[0],), math.inf, dtype=torch.float64, device=x.device)
     best = s_max.reshape(-1).clone()
     per_batch = max(1, max_elements // rows.numel())
     for start in range(0, points, per_batch):
         cand = fractions[start:start + per_batch, None] * s_max.reshape(1, -1)  # [K, groups]
-        q = quantize_to_grid(rows, (cand / L).unsqueeze(-1), lo, hi)
+        step = (cand / divisor(L)).unsqueeze(-1)
+        # SPEC §1's quantizer: clamp(round(x / step), lo, hi) * step, 0 where step == 0.
+        level = torch.clamp(torch.round(rows / step), lo, hi)
+        q = torch.where(step == 0, torch.zeros((), device=x.device), level * step)
         err = (q.double() - rows.double()).square().sum(-1)  # [K, groups]
         k_err, k = err.min(0)
         better = k_err < best_err

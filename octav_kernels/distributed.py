@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _args, ops, reference
+from . import _args, drivers, ops
 from .calibrate import max_scale as local_max_scale
 
 __all__ = ["octav_scale", "max_scale", "all_reduce_mean", "all_reduce_max"]
@@ -86,7 +86,7 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
         calls += 1
         if start is not None:
             init = start
-    s = reference.fixed_point(step, g.n_groups, init, max_iters, rtol, x.device)[0]
+    s = drivers.fixed_point(step, g.n_groups, init, max_iters, rtol, x.device)
     s = s.float().reshape(g.scale_shape)
     return (s, calls) if return_all_reduces else s
 
@@ -102,7 +102,8 @@ def _histogram_start(x, signed, c, group):
     """A start for a cold per-tensor scale from one all-reduced histogram of the magnitudes:
     just below the fixed point for large data, the mean of the nonzero magnitudes (the plain
     cold start) for small data; None (plain cold start) if there is none or NaN/inf."""
-    a = reference.magnitudes(x.reshape(-1), signed).float().clamp_min(0.0)
+    a = x.reshape(-1).float()
+    a = (a.abs() if signed else torch.where(a == float("-inf"), float("inf"), a)).clamp_min(0.0)
     keys = (a.view(torch.int32) >> _KEY_SHIFT).long()
     hist = torch.stack([torch.bincount(keys, minlength=_BINS).double(),
                         torch.bincount(keys, weights=a.double(), minlength=_BINS)]).cpu()

@@ -1,19 +1,24 @@
-"""Plain-PyTorch reference of every op (SPEC §1-§4): the oracle of the parity tests and the
-fallback backend when the compiled extension is missing.
+"""Plain-PyTorch reference of every op (SPEC §1-§4, §8): the oracle of the parity tests and the
+default kernel of every op (it serves any device without kernels of its own, and everything when
+the compiled extension is missing).
 
 Sums and counts accumulate in float64 / int64. The quantizer is elementwise and defined in
 float32 (``x / step`` in float32, SPEC §1), so it is computed exactly that way here. Every
 function takes validated arguments (see ``octav_kernels.ops`` for the checks).
 
 Written independently of the kernels' ``[outer, groups, inner]`` index arithmetic: groups are
-formed with ``movedim`` / ``reshape`` and scales are broadcast back the same way.
+formed with ``movedim`` / ``reshape`` and scales are broadcast back the same way. Independent of
+the backends' drivers too (``octav_kernels.drivers``): the iteration and the refinement search
+are written out here, the search one group at a time.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._args import groups, levels, octav_constant, transposed_for_kernels
+from ._args import levels, octav_constant
 
 
 def _as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
@@ -92,21 +97,10 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
         nxt = torch.where(n_out == 0, a_max, s_out / (c * n_in.double() + n_out.double()))
         return nxt.float().double()
 
-    s, iterations = fixed_point(step, a.shape[0], init, max_iters, rtol, a.device)
-    shape = _scale_shape(x, dim, group_size)
-    if return_iterations:
-        return s.float().reshape(shape), iterations.reshape(shape)
-    return s.float().reshape(shape)
-
-
-def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
-    """The SPEC §2 iteration of ``step`` (float64 ``[n_groups]`` -> next iterate, rounded to
-    float32) with its start and stopping rules; returns ``(s float64, iterations int64)``.
-    The cold start (one step from s = 0) is taken only for groups without an ``init`` > 0.
-    Shared with ``octav_kernels.distributed``, whose ``step`` all-reduces the sums."""
+    n = a.shape[0]
     s = None if init is None else init.float().double().reshape(-1)
-    if s is None or not bool((s > 0).all()):
-        cold = step(torch.zeros(n_groups, dtype=torch.float64, device=device))
+    if s is None or not bool((s > 0).all()):  # cold start for groups without an init > 0
+        cold = step(torch.zeros(n, dtype=torch.float64, device=a.device))
         s = cold if s is None else torch.where(s > 0, s, cold)
     prev = torch.full_like(s, float("nan"))
     done = torch.zeros_like(s, dtype=torch.bool)
@@ -122,23 +116,28 @@ def fixed_point(step, n_groups: int, init, max_iters: int, rtol: float, device):
         done = done | converged | cycle
         if bool(done.all()):
             break
-    return s, iterations
+    shape = _scale_shape(x, dim, group_size)
+    if return_iterations:
+        return s.float().reshape(shape), iterations.reshape(shape)
+    return s.float().reshape(shape)
 
 
 # Refinement against the empirical MSE (SPEC §8): a bracketing search over candidate scales.
-REFINE_ROUNDS = (4, 4, 2)  # candidate scales of each narrowing pass (the coarse pass has 6)
+REFINE_COARSE = 6  # candidates of the coarse pass
+REFINE_ROUNDS = (4, 4, 2)  # candidates of each narrowing pass
 REFINE_SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
 
 
 def cube_root(y):
-    """``y ** (1/3)`` for float64 ``y >= 1`` from square roots, products and quotients only, so
-    every backend forms it bit for bit (``pow`` differs between implementations in the last
-    bit): the start ``y ** (21/64)`` from repeated square roots, then 6 Newton steps. Within an
-    ulp of the cube root for y up to ~1e40; beyond (a start far below max|x|) an approximation,
-    still the same on every backend."""
-    r4 = y.sqrt().sqrt()
-    r16 = r4.sqrt().sqrt()
-    t = r4 * r16 * r16.sqrt().sqrt()
+    """``y ** (1/3)`` for float64 ``y >= 1`` (a Python float or a tensor) from square roots,
+    products and quotients only, so every backend forms it bit for bit (``pow`` differs between
+    implementations in the last bit): the start ``y ** (21/64)`` from repeated square roots,
+    then 6 Newton steps. Within an ulp of the cube root for y up to ~1e40; beyond (a start far
+    below max|x|) an approximation, still the same on every backend."""
+    sqrt = torch.sqrt if isinstance(y, torch.Tensor) else math.sqrt
+    r4 = sqrt(sqrt(y))
+    r16 = sqrt(sqrt(r4))
+    t = r4 * r16 * sqrt(sqrt(r16))
     for _ in range(6):
         t = (t + t + y / (t * t)) * (1.0 / 3.0)
     return t
@@ -172,78 +171,73 @@ def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=
     return out
 
 
-def refine_search(sse, scale, a_max):
-    """The refinement search shared by every backend (``sse`` maps float32 candidates
-    ``[n_groups, K]`` to their float64 squared errors, one pass over the data).
+def _to_float32(values):
+    """Python floats rounded to float32 (as Python floats)."""
+    return torch.tensor(values, dtype=torch.float64).float().tolist()
 
-    Per group, from the start ``s0`` (the OCTAV scale; ``a_max`` where it is not a positive
-    finite number) and ``m = a_max``:
 
-    1. coarse pass, 6 candidates: ``s0``, ``m`` and 4 points spaced geometrically from
-       ``s0 / 1.25`` to ``max(m, 1.25 s0)``. This spans both minima of Appendix G's non-convex
-       case: the OCTAV basin (outliers clipped) and the large-scale basin where small values
-       round to zero and the outliers are represented;
-    2. narrowing passes of ``REFINE_ROUNDS`` = 4, 4, 2 points spaced evenly inside the bracket
-       between the best candidate's neighbours, each narrowing the bracket to two of its
-       spacings around the best.
-
-    Returns the candidate with the lowest squared error seen (among exact ties, the first seen:
-    the smallest of its pass), float32: never worse than ``s0`` or than ``m`` (max scaling).
-    Groups with a NaN or inf ``m`` return ``m`` (SPEC §6); groups with nothing positive
-    return 0.
-    """
-    s0 = scale.double().reshape(-1)
-    m = a_max.double().reshape(-1)
-    start = torch.where((s0 > 0) & torch.isfinite(s0), s0, m)
-    ok = (start > 0) & torch.isfinite(start) & (m > 0) & torch.isfinite(m)
-    base = torch.where(ok, start, 1.0)
-    top = torch.where(ok, m, 1.0)
-    # Quotients by tensors, not Python numbers (CUDA multiplies by the reciprocal of those).
-    low = base / torch.full_like(base, REFINE_SPREAD)
-    ratio = cube_root(torch.maximum(top, base * REFINE_SPREAD) / low)
+def _refine_group(row, s0, m, sse):
+    """The search for one group (``refine_scale``); ``sse(candidates)`` -> their errors."""
+    start = s0 if s0 > 0 and math.isfinite(s0) else m
+    if not (start > 0 and math.isfinite(start) and m > 0 and math.isfinite(m)):
+        return m
+    low = start / REFINE_SPREAD
+    ratio = cube_root(max(m, start * REFINE_SPREAD) / low)
     grid = [low]
-    for _ in range(3):  # low * ratio**j by repeated products, as the C++ search forms them
+    for _ in range(REFINE_COARSE - 3):  # low * ratio**j by repeated products
         grid.append(grid[-1] * ratio)
-    cand = torch.stack(grid + [base, top], 1).float().sort(1).values
-    last = cand.shape[1] - 1
-    best_err, idx = sse(cand).min(1)
-    best = cand.gather(1, idx[:, None]).squeeze(1).double()
-    below = cand.gather(1, (idx - 1).clamp_min(0)[:, None]).squeeze(1).double()
-    above = cand.gather(1, (idx + 1).clamp_max(last)[:, None]).squeeze(1).double()
-    lower = torch.where(idx > 0, below, best / ratio)
-    upper = torch.where(idx < last, above, best * ratio)
+    cand = sorted(_to_float32(grid + [start, m]))
+    err = sse(cand)
+    i = min(range(len(cand)), key=err.__getitem__)  # the first of exact ties
+    best, best_err = cand[i], err[i]
+    lower = cand[i - 1] if i > 0 else best / ratio
+    upper = cand[i + 1] if i < len(cand) - 1 else best * ratio
     for K in REFINE_ROUNDS:
-        width = (upper - lower) / torch.full_like(upper, K + 1.0)
-        steps = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
-        cand = (lower[:, None] + width[:, None] * steps).float()
-        err, idx = sse(cand).min(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, cand.gather(1, idx[:, None]).squeeze(1).double(), best)
+        width = (upper - lower) / (K + 1.0)
+        cand = _to_float32([lower + width * j for j in range(1, K + 1)])
+        err = sse(cand)
+        i = min(range(K), key=err.__getitem__)
+        if err[i] < best_err:
+            best, best_err = cand[i], err[i]
         lower, upper = best - width, best + width
-    return torch.where(ok, best, m).float()
-
-
-def refine_with(candidate_sse, x, scale, bits, signed=True, dim=None, group_size=None,
-                narrow=False):
-    """``refine_search`` with the passes of a backend's ``candidate_sse`` (same signature as
-    this module's). A per-channel tensor whose channels are not contiguous runs is transposed
-    once, so the passes do not each make that copy."""
-    g = groups(x, dim, group_size)
-    if transposed_for_kernels(g):
-        x, dim = x.movedim(g.dim, 0).contiguous(), 0
-
-    def sse(cand):
-        return candidate_sse(x, cand, bits, signed, dim, group_size, narrow)
-
-    a_max = max_magnitude(x, signed, dim, group_size)
-    return refine_search(sse, scale, a_max).reshape(scale.shape)
+    return best
 
 
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    """``scale`` polished against the empirical MSE of SPEC §1 by ``refine_search``, per group,
-    with ``candidate_sse`` evaluating each pass."""
-    return refine_with(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)
+    """``scale`` polished against the empirical MSE of SPEC §1, per group, float32.
+
+    Per group, from the start ``s0`` (the OCTAV scale; ``m = max a`` where it is not a positive
+    finite number) and ``m``:
+
+    1. coarse pass, 6 candidates: ``s0``, ``m`` and 4 points spaced geometrically from
+       ``s0 / 1.25`` to ``max(m, 1.25 s0)`` (ratio by ``cube_root``, points by repeated
+       products). This spans both minima of Appendix G's non-convex case: the OCTAV basin
+       (outliers clipped) and the large-scale basin where small values round to zero and the
+       outliers are represented;
+    2. narrowing passes of ``REFINE_ROUNDS`` = 4, 4, 2 points spaced evenly inside the bracket
+       between the best candidate's neighbours (``best / ratio`` or ``best * ratio`` past an
+       end), each narrowing the bracket to two of its spacings around the best.
+
+    Candidates are rounded to float32, everything else is float64; each pass's errors come from
+    ``candidate_sse``. Returns the candidate with the lowest squared error seen (among exact
+    ties, the first seen: the smallest of its pass), so never worse than ``s0`` or than ``m``
+    (max scaling). Groups with a NaN or inf ``m`` return ``m`` (SPEC §6); groups with nothing
+    positive return 0.
+    """
+    rows = _as_rows(x, dim, group_size)
+    starts = scale.double().reshape(-1).tolist()
+    tops = max_magnitude(x, signed, dim, group_size).double().tolist()
+    refined = []
+    for g, (s0, m) in enumerate(zip(starts, tops)):
+        row = rows[g:g + 1]
+
+        def sse(cand, row=row):
+            c = torch.tensor([cand], dtype=torch.float32, device=x.device)
+            return candidate_sse(row, c, bits, signed, None, row.shape[1], narrow)[0].tolist()
+
+        refined.append(_refine_group(row, s0, m, sse))
+    return torch.tensor(refined, dtype=torch.float64, device=x.device).float().reshape(
+        scale.shape)
 
 
 def _scale_shape(x, dim, group_size):
@@ -342,11 +336,30 @@ def pwl_backward_from_mask(grad_out, mask):
                                                      device=grad_out.device))
 
 
+def pwl_backward_packed(grad_out, mask):
+    """The PWL gradient from its packed mask (``pwl_backward_from_mask``)."""
+    return pwl_backward_from_mask(grad_out, mask)
+
+
+def fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """``(fake_quantize(x, s), pwl_mask(x, s))``: the PWL training forward."""
+    return (fake_quantize(x, scale, bits, signed, dim, group_size, "pwl", narrow),
+            pwl_mask(x, scale, signed, dim, group_size))
+
+
 def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
                         narrow=False):
     """``(fake_quantize(x, s), s)`` with ``s = octav_scale(x, ...)`` (default iteration)."""
     scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
     return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
+
+
+def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, init=None,
+                               narrow=False):
+    """``(y, s, mask)``: ``octav_fake_quantize`` with the PWL mask of ``fake_quantize_packed``."""
+    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
+    y, mask = fake_quantize_packed(x, scale, bits, signed, dim, group_size, narrow)
+    return y, scale, mask
 
 
 # Oscillation tracking and freezing (Nagel et al., ICML 2022), fused with the weight fake-quant.

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import SCALE_RTOL, make_data, reference_scale
+from conftest import GPU, SCALE_RTOL, make_data, reference_scale
 
 import octav_kernels as ok
 from octav_kernels import reference
@@ -79,6 +79,32 @@ def test_mse_sweep_calibrator_matches_a_plain_loop(gran, bits, grid):
         k = round(s.item() / s_max.item() * 100)
         assert 1 <= k <= 100 and s.item() == pytest.approx(k / 100 * s_max.item(), rel=1e-6)
         assert mse(s) == pytest.approx(best, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.device("cpu")),
+    pytest.param("cuda", marks=[pytest.mark.device("cuda"), pytest.mark.skipif(
+        not GPU, reason="needs a CUDA GPU (none here)")]),
+])
+@pytest.mark.parametrize("bits,narrow", [(5, True), (3, True), (4, False)])
+def test_mse_sweep_is_the_reference_argmin_on_every_device(device, bits, narrow):
+    """The sweep's candidates k/points * max and steps s / L are quotients by tensors, so they
+    are the correctly rounded values on every device (CUDA divides by a Python number as a
+    product with its reciprocal: off in the last bit for points = 100 or L = 2**(B-1) - 1);
+    the chosen scale is the first lowest-error candidate of the reference's squared errors."""
+    x = make_data((7, 300), seed=9)
+    s_max = x.abs().amax(1)
+    fractions = torch.arange(1, 101, dtype=torch.float32) / torch.tensor(100.0)
+    cand = fractions[None, :] * s_max[:, None]  # [groups, 100]
+    err = torch.cat([reference.candidate_sse(x, cand[:, k:k + 10], bits, True, 0, None, narrow)
+                     for k in range(0, 100, 10)], 1)
+    expected = cand.gather(1, err.argmin(1, keepdim=True)).squeeze(1)  # first of exact ties
+    got = ok.mse_sweep_scale(x, bits, dim=0, narrow=narrow)
+    differ = got != expected
+    if bool(differ.any()):  # only where two candidates' errors tie to the last bits
+        got_err = reference.candidate_sse(x, got[:, None], bits, True, 0, None, narrow)[:, 0]
+        torch.testing.assert_close(got_err[differ], err.min(1).values[differ], rtol=1e-12,
+                                   atol=0.0)
 
 
 @pytest.mark.parametrize("gran", GRANULARITIES)

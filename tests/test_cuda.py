@@ -1,8 +1,10 @@
 """The CUDA kernels (csrc/cuda/) on a GPU: every solver path of octav.cu against the reference,
-the fused octav_fake_quantize, the bit-packed PWL mask, unaligned inputs and determinism. All
-skip without a GPU and a CUDA build of the extension; the parity matrix of test_octav.py /
-test_fake_quant.py runs the same backend as ``cuda-cuda``, and test_robustness.py holds the
-tensor of more than 2**31 elements (OCTAV_LARGE_TESTS=1)."""
+the fused octav_fake_quantize, the bit-packed PWL mask, unaligned inputs, determinism, and a
+second GPU. All skip without a GPU and a CUDA build of the extension; the parity matrix of
+test_octav.py / test_fake_quant.py runs the same backend as ``cuda-cuda``, and
+test_robustness.py holds the tensor of more than 2**31 elements (OCTAV_LARGE_TESTS=1).
+What runs without a GPU (the solver's path decision, the routing of GPUs without a kernel
+image) is tested in test_gpu_logic.py."""
 
 import pytest
 import torch
@@ -10,8 +12,6 @@ from conftest import GPU, assert_bitwise, assert_scale_close, make_data, referen
 
 import octav_kernels as ok
 from octav_kernels import backend, reference, use_backend
-from octav_kernels import cuda as cuda_backend
-from octav_kernels._args import levels
 
 pytestmark = [
     pytest.mark.skipif(not (GPU and backend.cuda_kernels_built()),
@@ -19,26 +19,41 @@ pytestmark = [
     pytest.mark.device("cuda"),
 ]
 
-# One case per path of csrc/cuda/octav.cu (thresholds: 1024 elements for a warp per group,
-# 160 KiB of shared memory for a block per group, i.e. 40960 float32 / 81920 16-bit elements).
-SOLVER_PATHS = [
-    pytest.param((37, 1000), {"dim": 0}, id="warp-per-group"),
-    pytest.param((5, 3000), {"dim": 0}, id="block-per-group"),
-    pytest.param((3, 45000), {"dim": 0}, id="block-per-group-global-fp32"),
-    pytest.param((2, 90000), {"dim": 0}, id="block-per-group-global"),
-    pytest.param((4, 7, 300), {"dim": 1}, id="strided-groups"),
-    pytest.param((64, 96), {"group_size": 32}, id="blocks"),
-    pytest.param((700,), {}, id="tensor-warp"),
-    pytest.param((20_000,), {}, id="tensor-block"),
-    pytest.param((200_003,), {}, id="tensor-cooperative"),
-]
+# One case per path of csrc/cuda/octav.cu; the sizes at the block-per-group thresholds come from
+# this GPU's shared-memory budget (csrc/cuda/solver_path.h).
+SOLVER_PATHS = ["warp-per-group", "block-per-group", "block-per-group-global", "strided-groups",
+                "blocks", "tensor-warp", "tensor-block", "tensor-cooperative"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def path_case(path, dtype):
+    """(shape, granularity, the solver path it takes) for one case of SOLVER_PATHS."""
+    budget = backend.compiled().cuda_octav_smem_budget(torch.cuda.current_device())
+    on_chip = budget // (torch.finfo(dtype).bits // 8)  # the most elements a block holds
+    shape, kw = {
+        "warp-per-group": ((37, 1000), {"dim": 0}),
+        "block-per-group": ((5, 3000), {"dim": 0}),
+        "block-per-group-global": ((2, on_chip + 5000), {"dim": 0}),
+        "strided-groups": ((4, 7, 300), {"dim": 1}),
+        "blocks": ((64, 96), {"group_size": 32}),
+        "tensor-warp": ((700,), {}),
+        "tensor-block": ((min(20_000, on_chip),), {}),
+        "tensor-cooperative": ((on_chip + 50_003,), {}),
+    }[path]
+    g = ok._args.groups(torch.empty(shape, device="meta"), kw.get("dim"), kw.get("group_size"))
+    taken = backend.compiled().cuda_solver_path(g.n_groups, g.outer * g.inner,
+                                                torch.finfo(dtype).bits // 8, budget)
+    return shape, kw, taken
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-@pytest.mark.parametrize("shape,kw", SOLVER_PATHS)
-def test_solver_paths(shape, kw, signed, dtype):
+@pytest.mark.parametrize("path", SOLVER_PATHS)
+def test_solver_paths(path, signed, dtype):
+    shape, kw, taken = path_case(path, dtype)
+    assert taken == {"strided-groups": "block-per-group", "blocks": "warp-per-group",
+                     "tensor-warp": "warp-per-group", "tensor-block": "block-per-group",
+                     "tensor-cooperative": "whole-tensor"}.get(path, path)
     x = make_data(shape, dtype, signed, seed=len(shape) + shape[-1])
     expected = reference_scale(x, 4, signed=signed, **kw)
     warm_init = expected * 1.03
@@ -66,12 +81,11 @@ def test_packed_pwl_mask(numel, signed, dtype):
     x = make_data((numel,), dtype, signed, seed=numel)
     x[0] = float("nan")
     scale = reference_scale(x[1:], 3, signed=signed) if numel > 1 else torch.tensor(1.0)
-    y, mask = backend.compiled().fake_quantize_cuda(x, scale.reshape(1), 1, 1, numel,
-                                                    *levels(4, signed, False), signed, True)
+    y, mask = torch.ops.octav._fake_quantize_packed(x, scale, 4, signed)
     assert torch.equal(mask, reference.pwl_mask(x, scale, signed))
     assert_bitwise(y, reference.fake_quantize(x, scale, 4, signed))
     g = make_data((numel,), dtype, seed=numel + 1)
-    assert_bitwise(backend.compiled().masked_backward_cuda(g, mask),
+    assert_bitwise(torch.ops.octav._pwl_backward_packed(g, mask),
                    reference.fake_quantize_backward(g, x, scale, signed, grad="pwl"))
 
 
@@ -113,6 +127,67 @@ def test_more_groups_than_a_grid_dimension_holds():
     assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
     assert_scale_close(got[0], expected[0], torch.bfloat16)
     cand = torch.rand(scale.numel(), 6, device="cuda") + 0.1  # the coarse pass's K
-    torch.testing.assert_close(cuda_backend.candidate_sse(x, cand, 4, group_size=4),
+    torch.testing.assert_close(torch.ops.octav._candidate_sse(x, cand, 4, True, None, 4),
                                reference.candidate_sse(x, cand, 4, group_size=4),
                                rtol=1e-11, atol=0.0)
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_tensors_on_a_second_gpu(name):
+    """Tensors on cuda:1 while cuda:0 is current (model parallelism): every kernel launches on
+    the tensor's GPU (CUDA: device guards; Triton: torch.cuda.device around each launch)."""
+    torch.cuda.set_device(0)
+    x = make_data((64, 300), seed=8).to("cuda:1")
+    g = make_data((64, 300), seed=9).to("cuda:1")
+    with use_backend("reference"):
+        s_ref = ok.octav_scale(x, 4, dim=0)
+        y_ref = ok.fake_quantize(x, s_ref, 4, dim=0)
+    leaf = x.clone().requires_grad_()
+    with use_backend(name):
+        s = ok.octav_scale(x, 4, dim=0)
+        y, s2 = ok.octav_fake_quantize(leaf, 4, dim=0, grad="mad")
+        y.backward(g)
+        refined = ok.refine_scale(x, s, 4, dim=0)
+    assert s.device == y.device == refined.device == torch.device("cuda:1")
+    assert_scale_close(s, s_ref, torch.float32)
+    assert_bitwise(ok.fake_quantize(x, s_ref, 4, dim=0), y_ref)
+    assert_bitwise(leaf.grad, reference.fake_quantize_backward(g, x, s2, True, 0, None, "mad"))
+
+
+def test_triton_multi_program_pass_on_the_gpu(monkeypatch):
+    """Compiled Triton: the multi-program pass of large groups gives the one-program pass's
+    bits (its block sums are added in the same order), cold, warm and for masked_sums."""
+    from octav_kernels.triton import octav as triton_octav
+
+    x = make_data((3, 70_000), seed=12)
+    scale = reference_scale(x, 4, dim=0)
+    runs = []
+    for multi_min in (1 << 62, 4_096):
+        monkeypatch.setattr(triton_octav, "MULTI_MIN", multi_min)
+        with use_backend("triton"):
+            runs.append([ok.octav_scale(x, 4, dim=0), ok.octav_scale(x.reshape(-1), 3),
+                         ok.octav_scale(x, 4, dim=0, init=scale * 1.02),
+                         *ok.masked_sums(x, scale, dim=0)])
+    for one, multi in zip(*runs):
+        assert_bitwise(multi, one)
+    assert_scale_close(runs[0][0], scale, torch.float32)
+
+
+def test_nonfinite_scale_is_reported_without_a_sync_per_step():
+    """On a GPU the quantizer records NaN/inf on the device and raises at its next check point
+    (here: the first forward in eval), naming the module."""
+    qz = ok.QuantAct(4).train()
+    qz.name = "act"
+    clean = make_data((4096,), seed=13)
+    bad = clean.clone()
+    bad[5] = float("nan")
+    qz(clean)
+    qz(bad)  # no host sync, no raise yet
+    assert qz._unchecked == 2
+    qz.eval()
+    with pytest.raises(ValueError, match="^act: the input of one of the last 2 scale updates"):
+        qz(clean)

@@ -3,8 +3,10 @@ wrappers and from torch.ops.octav alike."""
 
 import pytest
 import torch
+from conftest import ALL_BACKENDS
 
 import octav_kernels as ok
+from octav_kernels import use_backend
 
 X = torch.randn(4, 6)
 S = torch.ones(4)  # a per-channel (dim=0) scale of X
@@ -34,9 +36,20 @@ def op_calls(x=X, bits=4, dim=None, group_size=None, scale=None):
     ]
 
 
+# Each op checks its arguments in the kernel that serves it (C++ entry points, the Python
+# kernels of the reference and Triton): the errors below hold on every backend.
+BACKENDS = [b for b in ALL_BACKENDS if b.id in ("reference", "cpu", "triton")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    with use_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
                                    torch.complex64])
-def test_non_float_x_is_type_error(dtype):
+def test_non_float_x_is_type_error(dtype, backend_name):
     x = torch.zeros(4, 6, dtype=dtype)
     for call in wrapper_calls(x) + op_calls(x):
         with pytest.raises(TypeError, match="x must be float32"):
@@ -69,7 +82,7 @@ def test_non_tensor_arguments_are_type_errors():
 
 
 @pytest.mark.parametrize("bits", [0, 1, 17, -4])
-def test_bits_out_of_range(bits):
+def test_bits_out_of_range(bits, backend_name):
     calls = wrapper_calls(bits=bits)
     calls = calls[:1] + calls[2:]  # masked_sums takes no bits
     for call in calls + [c for i, c in enumerate(op_calls(bits=bits)) if i in (0, 2, 3)]:
@@ -77,7 +90,7 @@ def test_bits_out_of_range(bits):
             call()
 
 
-def test_bad_grad():
+def test_bad_grad(backend_name):
     for call in (lambda: ok.fake_quantize(X, S_T, 4, grad="round"),
                  lambda: ok.octav_fake_quantize(X, 4, grad="STE"),
                  lambda: ops.fake_quantize(X, S_T, 4, grad="mph"),
@@ -95,7 +108,7 @@ def test_bad_grad():
     ({"group_size": -2}, "group_size must be positive"),
     ({"dim": 0, "group_size": 2}, "at most one of dim"),
 ])
-def test_bad_granularity(kw, match):
+def test_bad_granularity(kw, match, backend_name):
     scale = torch.ones(4) if "dim" in kw else S_T
     for call in wrapper_calls(scale=scale, **kw) + op_calls(scale=scale, **kw):
         with pytest.raises(ValueError, match=match):
@@ -116,7 +129,7 @@ def test_granularity_of_a_scalar():
     (torch.ones(4, 3), {"group_size": 3}, r"scale must have shape \[4, 2\]"),
     (torch.ones(4, device="meta"), {"dim": 0}, "scale is on meta but x is on cpu"),
 ])
-def test_bad_scale(scale, kw, match):
+def test_bad_scale(scale, kw, match, backend_name):
     for call in (lambda: ok.fake_quantize(X, scale, 4, **kw),
                  lambda: ok.masked_sums(X, scale, **kw),
                  lambda: ops.fake_quantize(X, scale, 4, **kw),
@@ -126,7 +139,7 @@ def test_bad_scale(scale, kw, match):
             call()
 
 
-def test_bad_init_and_iteration_controls():
+def test_bad_init_and_iteration_controls(backend_name):
     with pytest.raises(ValueError, match=r"init must have shape \[4\]"):
         ok.octav_scale(X, 4, dim=0, init=torch.ones(6))
     with pytest.raises(ValueError, match="init is on meta"):
@@ -139,14 +152,20 @@ def test_bad_init_and_iteration_controls():
         ops.octav_scale(X, 4, rtol=float("inf"))
     with pytest.raises(ValueError, match="narrow=True applies to signed grids only"):
         ok.octav_fake_quantize(X, 4, signed=False, narrow=True)
+    # max_iters is bounded (the kernels count iterations in 32 bits)
+    for max_iters in (2**16 + 1, 2**31, 2**40):
+        with pytest.raises(ValueError, match="max_iters must be <= 65536"):
+            ok.octav_scale(X, 4, max_iters=max_iters)
+        with pytest.raises(ValueError, match="max_iters must be <= 65536"):
+            ops.octav_scale(X, 4, max_iters=max_iters)
 
 
-def test_grad_out_shape():
+def test_grad_out_shape(backend_name):
     with pytest.raises(ValueError, match=r"grad_out \(\[3\] on cpu\) must match x"):
         ops.fake_quantize_backward(torch.ones(3), X, S_T)
 
 
-def test_inputs_never_modified():
+def test_inputs_never_modified(backend_name):
     x = torch.randn(4, 6)
     scale, init = torch.ones(4), torch.full((4,), 2.0)
     copies = (x.clone(), scale.clone(), init.clone())

@@ -236,18 +236,19 @@ def saved_by_backward(name, fn, x):
 
 @pytest.mark.parametrize("name", ALL_BACKENDS)
 def test_pwl_and_ste_keep_little_for_the_backward(name):
-    """STE keeps nothing; PWL keeps a bit-packed mask (1 bit per element) where the backend
-    computes it in its forward kernel (cuda), else x and the scale; MAD keeps x and the scale."""
+    """STE keeps nothing; PWL keeps the bit-packed mask its forward kernel computes (1 bit per
+    element), on every backend (the C++ autograd; without the compiled extension, the Python
+    formulas keep x and the scale: test_registration); MAD keeps x and the scale."""
     x = make_data((33, 70), seed=40)
     scale = reference_scale(x, 4, dim=0)
-    packed = name == "cuda"
     for fn in (lambda t: ok.fake_quantize(t, scale, 4, dim=0, grad="pwl"),
                lambda t: ok.octav_fake_quantize(t, 4, grad="pwl")):
         saved = saved_by_backward(name, fn, x)
-        if packed:
-            assert [(t.dtype, t.numel()) for t in saved] == [(torch.int32, (33 * 70 + 31) // 32)]
-        else:
-            assert any(t.shape == x.shape and t.dtype == x.dtype for t in saved)
+        assert [(t.dtype, t.numel()) for t in saved] == [(torch.int32, (33 * 70 + 31) // 32)]
+    for fn in (lambda t: ok.fake_quantize(t, scale, 4, dim=0, grad="mad"),
+               lambda t: ok.octav_fake_quantize(t, 4, dim=0, grad="mad")):
+        saved = saved_by_backward(name, fn, x)
+        assert [t.shape for t in saved] == [x.shape, scale.shape]
     assert saved_by_backward(name, lambda t: ok.fake_quantize(t, scale, 4, dim=0, grad="ste"),
                              x) == []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_BACKENDS, SCALE_RTOL, reference_scale
+from conftest import ALL_BACKENDS, SCALE_RTOL, make_data, reference_scale
 from torch import nn
 
 import octav_kernels as ok
@@ -232,6 +232,46 @@ def test_nonfinite_input_raises_naming_the_module():
         qz.name = "act"
         with pytest.raises(ValueError, match="^act: the input contains NaN or inf"):
             qz(torch.tensor([1.0, float("nan"), 2.0] + [0.5] * 100))
+
+
+def test_nonfinite_check_without_a_host_sync_per_step(monkeypatch):
+    """On a GPU (here: CPU tensors treated as a GPU's) the check records NaN/inf on the device
+    and raises at the next check point: every check_every scale updates, the first forward in
+    eval mode, or check_finite(model); a clean run never raises."""
+    monkeypatch.setattr(ok.Quantizer, "deferred_check", ("cpu",))
+    monkeypatch.setattr(ok.Quantizer, "check_every", 5)
+    clean = make_data((64,), seed=12)
+    bad = clean.clone()
+    bad[3] = float("nan")
+
+    def quantizer():
+        qz = ok.QuantAct(4).train()
+        qz.name = "act"
+        return qz
+
+    qz = quantizer()
+    for _ in range(10):  # no NaN: two check points pass
+        qz(clean)
+    qz(bad)  # recorded, not raised
+    for _ in range(2):
+        qz(clean)
+    with pytest.raises(ValueError, match="^act: the input of one of the last 5 scale updates "
+                                         "contains NaN or inf"):
+        for _ in range(2):
+            qz(clean)  # the 5th update since the last check
+    qz(clean)  # the flag was cleared by the raise
+
+    qz = quantizer()
+    qz(bad)
+    qz.eval()
+    with pytest.raises(ValueError, match="^act: the input of one of the last 1 scale updates"):
+        qz(clean)
+
+    model = ok.quantize_model(nn.Sequential(nn.Linear(64, 8)), first_last_bits=None)
+    model.train()(bad)
+    with pytest.raises(ValueError, match=r"^0\.input_quantizer: the input of one of the last"):
+        ok.check_finite(model)
+    ok.check_finite(model)  # checked: nothing pending
 
 
 # ---------------------------------------------------------------------------------------------

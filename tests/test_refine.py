@@ -11,7 +11,6 @@ accepts a different scale only there (a different scale with a measurably differ
 fails).
 """
 
-import importlib
 import math
 import os
 import subprocess
@@ -33,7 +32,7 @@ from conftest import (
 )
 
 import octav_kernels as ok
-from octav_kernels import reference, use_backend
+from octav_kernels import drivers, reference, use_backend
 
 SSE_RTOL = 1e-11
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,9 +127,9 @@ def test_candidate_sse_parity(name, gran):
     gen = torch.Generator().manual_seed(1)
     cand = on_device(torch.rand(g.n_groups, 6, generator=gen) * 3)  # the coarse pass's K
     expected = reference.candidate_sse(x, cand, 3, True, g.dim, g.group_size)
-    kernels = importlib.import_module(f"octav_kernels.{name}")
-    torch.testing.assert_close(kernels.candidate_sse(x, cand, 3, True, g.dim, g.group_size),
-                               expected, rtol=SSE_RTOL, atol=0.0)
+    with use_backend(name):
+        got = torch.ops.octav._candidate_sse(x, cand, 3, True, g.dim, g.group_size)
+    torch.testing.assert_close(got, expected, rtol=SSE_RTOL, atol=0.0)
 
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
@@ -144,11 +143,11 @@ def test_candidate_sse_terms_are_exact(name):
     x[1::2, ::700] *= 4000.0  # odd rows: outliers ~2000, clip levels 2-3.5
     cand = 2.0 + 1.5 * torch.rand(6, 4, generator=gen)  # fine low bits: q - x would round
     x, cand = on_device(x), on_device(cand)
-    kernels = importlib.import_module(f"octav_kernels.{name}")
     for signed in (True, False):
         expected = reference.candidate_sse(x, cand, 4, signed, dim=0)
-        torch.testing.assert_close(kernels.candidate_sse(x, cand, 4, signed, dim=0), expected,
-                                   rtol=SSE_RTOL, atol=0.0)
+        with use_backend(name):
+            got = torch.ops.octav._candidate_sse(x, cand, 4, signed, dim=0)
+        torch.testing.assert_close(got, expected, rtol=SSE_RTOL, atol=0.0)
 
 
 @pytest.mark.skipif(not ok.backend.available("cpu", torch.device("cpu")),
@@ -223,18 +222,26 @@ def test_single_minimum_data_matches_fine_sweep(signed, bits):
     assert round(e / float(sweep_sse(x, bits, 100, signed)), 3) <= 1.0
 
 
-def test_search_passes():
-    """The passes the search makes over the group: 6 coarse candidates, then 4, 4 and 2."""
+def test_search_passes(monkeypatch):
+    """The passes the search makes over the group: 6 coarse candidates, then 4, 4 and 2, in the
+    reference and in the backends' shared driver (octav_kernels.drivers), which decide alike."""
     x = laplace((5_000,), seed=3)
-    scale, _ = reference_refined(x, 4)
-    passes = []
+    scale = ok.octav_scale(x, 4)
+    passes = {"reference": [], "driver": []}
+    sse = reference.candidate_sse
 
-    def counting(x, cand, *args):
-        passes.append((x.numel(), cand.shape[1]))
-        return reference.candidate_sse(x, cand, *args)
+    def counting(who):
+        def fn(x, cand, *args):
+            passes[who].append((x.numel(), cand.shape[1]))
+            return sse(x, cand, *args)
+        return fn
 
-    reference.refine_with(counting, x, scale, 4)
-    assert passes == [(5_000, 6), (5_000, 4), (5_000, 4), (5_000, 2)]
+    monkeypatch.setattr(reference, "candidate_sse", counting("reference"))
+    expected = reference.refine_scale(x, scale, 4)
+    got = drivers.refine_scale(counting("driver"), x, scale, 4)
+    assert passes["reference"] == passes["driver"] == [(5_000, 6), (5_000, 4), (5_000, 4),
+                                                       (5_000, 2)]
+    assert torch.equal(got, expected)
 
 
 def test_cube_root_is_exact_to_rounding():

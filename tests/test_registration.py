@@ -95,24 +95,65 @@ def test_torch_compile_fullgraph_matches_eager(device):
         assert_bitwise(comp, eager)
 
 
-def test_backend_selection(monkeypatch):
+def test_dispatcher_picks_the_kernels():
+    """Each op has its kernels registered with the dispatcher (no Python backend choice per
+    call): the C++ CPU kernels where built, the reference as every op's default kernel, and the
+    C++ autograd of the differentiable ops where built (fallthrough for the others)."""
     cpu = torch.device("cpu")
-    monkeypatch.delenv("OCTAV_BACKEND", raising=False)
-    expected_default = "cpu" if backend.available("cpu", cpu) else "reference"
-    assert backend.select(cpu).__name__ == f"octav_kernels.{expected_default}"
-    monkeypatch.setenv("OCTAV_BACKEND", "reference")
-    assert backend.select(cpu).__name__ == "octav_kernels.reference"
-    with use_backend("auto"):  # use_backend wins over the environment
-        assert backend.select(cpu).__name__ == f"octav_kernels.{expected_default}"
-    monkeypatch.setenv("OCTAV_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="OCTAV_BACKEND"):
-        ok.octav_scale(torch.ones(3), 4)
-    monkeypatch.setenv("OCTAV_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="cannot serve cpu tensors"):
-        ok.octav_scale(torch.ones(3), 4)
+    built = backend.available("cpu", cpu)
+    differentiable = {"fake_quantize", "octav_fake_quantize", "dampening_error"}
+    for name in ok.ops.OPS:
+        table = {line.split(":")[0]: line for line in
+                 torch._C._dispatch_dump(f"octav::{name}").splitlines()}
+        assert "backend.py" in table["CompositeExplicitAutograd[alias]"], name
+        assert ("csrc/ops.cpp" in table.get("CPU", "")) == built, name
+        autograd = table["Autograd[alias]"]
+        if name in differentiable:
+            assert ("csrc/autograd.cpp" in autograd) == built, name
+        else:
+            assert "fallthrough" in autograd, name
+    assert backend.serving(cpu) == ("cpu" if backend.available("cpu", cpu) else "reference")
+
+
+def test_use_backend_registers_and_restores(monkeypatch):
+    """use_backend registers a backend's kernels over the default ones for its block (nested
+    blocks too) and restores them after; a backend that cannot serve a device raises there."""
+    cpu = torch.device("cpu")
+    x = make_data((5, 9), seed=30)
+    default = ok.octav_scale(x, 3, dim=0)
+    calls = []
+    monkeypatch.setattr(ok.reference, "octav_scale",
+                        lambda *args: calls.append(args) or torch.full((5,), 7.0))
+    with use_backend("reference"):
+        assert backend.serving(cpu) == "reference"
+        assert torch.equal(ok.octav_scale(x, 3, dim=0), torch.full((5,), 7.0))
+        with use_backend("auto"):
+            assert torch.equal(ok.octav_scale(x, 3, dim=0), default)
+        assert torch.equal(ok.octav_scale(x, 3, dim=0), torch.full((5,), 7.0))
+    assert len(calls) == 2
+    assert torch.equal(ok.octav_scale(x, 3, dim=0), default)
+    assert backend.serving(cpu) == backend.native("cpu")
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="cannot serve cpu tensors"):
+        ok.octav_scale(x, 4)
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("fastest"):
             pass
+
+
+@pytest.mark.parametrize("value,expected", [("reference", "reference"), ("auto", None),
+                                            ("nonsense", "OCTAV_BACKEND must be one of")])
+def test_octav_backend_environment(value, expected):
+    """OCTAV_BACKEND is read once, at import."""
+    script = ("import torch, octav_kernels as ok\n"
+              "print(ok.backend.serving(torch.device('cpu')))\n")
+    env = dict(os.environ, OCTAV_BACKEND=value)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if expected is not None and expected.startswith("OCTAV_BACKEND"):
+        assert done.returncode != 0 and expected in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == (expected or backend.native("cpu"))
 
 
 def test_falls_back_to_reference_without_extension():
@@ -127,9 +168,15 @@ with warnings.catch_warnings(record=True) as caught:
     from octav_kernels import backend, reference
     x = torch.randn(5, 7)
     y, s = ok.octav_fake_quantize(x, 4, dim=0)
-    assert backend.select(x.device) is reference
+    assert backend.serving(x.device) == "reference"
     assert torch.equal(s, reference.octav_scale(x, 4, dim=0))
     assert torch.equal(y, reference.fake_quantize(x, s, 4, dim=0))
+    xl = x.clone().requires_grad_()  # the autograd formulas of octav_kernels.ops
+    for grad in ("ste", "pwl", "mad"):
+        ok.fake_quantize(xl, s, 4, dim=0, grad=grad).backward(torch.ones_like(x))
+        expected = reference.fake_quantize_backward(torch.ones_like(x), x, s, True, 0, None, grad)
+        assert torch.equal(xl.grad, expected), grad
+        xl.grad = None
 messages = [str(w.message) for w in caught if "octav_kernels._C" in str(w.message)]
 assert len(messages) == 1, messages
 print("fallback ok")

@@ -29,6 +29,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "../ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -423,23 +425,23 @@ void for_each_group(int64_t n_groups, const F& fn) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
-                                                           const at::Tensor& scale,
-                                                           int64_t outer, int64_t n_groups,
-                                                           int64_t inner, bool is_signed) {
-  auto s_out = at::empty({n_groups}, x.options().dtype(at::kFloat));
-  auto n_in = at::empty({n_groups}, x.options().dtype(at::kLong));
-  auto n_out = at::empty({n_groups}, x.options().dtype(at::kLong));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Tensor& x,
+                                                                    const at::Tensor& scale,
+                                                                    const Groups& g,
+                                                                    bool is_signed) {
+  auto s_out = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
+  auto n_in = at::empty({g.n_groups}, x.options().dtype(at::kLong));
+  auto n_out = at::empty({g.n_groups}, x.options().dtype(at::kLong));
   const float* sp = scale.data_ptr<float>();
   float* so = s_out.data_ptr<float>();
   int64_t* ni = n_in.data_ptr<int64_t>();
   int64_t* no = n_out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_sums", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    for_each_group(n_groups, [&](int64_t c) {
-      const GroupView<scalar_t> g{xp, n_groups, inner, c, outer * inner};
-      const Sums t = is_signed ? group_sums<scalar_t, true>(g, sp[c])
-                               : group_sums<scalar_t, false>(g, sp[c]);
+    for_each_group(g.n_groups, [&](int64_t c) {
+      const GroupView<scalar_t> view{xp, g.n_groups, g.inner, c, g.len()};
+      const Sums t = is_signed ? group_sums<scalar_t, true>(view, sp[c])
+                               : group_sums<scalar_t, false>(view, sp[c]);
       so[c] = static_cast<float>(t.s_out);
       ni[c] = t.n_in;
       no[c] = t.n_out;
@@ -448,21 +450,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
   return {s_out, n_in, n_out};
 }
 
-at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
-                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
-                       int64_t max_iters, double rtol) {
-  auto scale = at::empty({n_groups}, x.options().dtype(at::kFloat));
+at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g,
+                                bool is_signed, double octav_const, int64_t max_iters,
+                                double rtol) {
+  auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
   const float* ip = init.numel() > 0 ? init.data_ptr<float>() : nullptr;
   float* sp = scale.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "octav_scale", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    for_each_group(n_groups, [&](int64_t c) {
-      const GroupView<scalar_t> g{xp, n_groups, inner, c, outer * inner};
-      sp[c] = is_signed ? octav_group<scalar_t, true>(g, ip, octav_const, max_iters, rtol)
-                        : octav_group<scalar_t, false>(g, ip, octav_const, max_iters, rtol);
+    for_each_group(g.n_groups, [&](int64_t c) {
+      const GroupView<scalar_t> view{xp, g.n_groups, g.inner, c, g.len()};
+      sp[c] = is_signed ? octav_group<scalar_t, true>(view, ip, octav_const, max_iters, rtol)
+                        : octav_group<scalar_t, false>(view, ip, octav_const, max_iters, rtol);
     });
   });
   return scale;
+}
+
+// The CPU has no fused kernel: the scale, then the fake-quant with it (one more read of x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::fused(const at::Tensor& x,
+                                                              const at::Tensor& init,
+                                                              const Groups& g, int64_t bits,
+                                                              bool is_signed, bool narrow,
+                                                              bool with_mask) {
+  return ops::compose_fused<Kernels>(x, init, g, bits, is_signed, narrow, with_mask);
 }
 
 }  // namespace octav::cpu

@@ -36,6 +36,8 @@ constexpr int64_t kPiece = 512;   // elements evaluated for all K candidates whi
 constexpr int64_t kLocal = 1 << 14;
 constexpr int kLanes = 16;  // independent double accumulators (a power of two)
 constexpr int64_t kCoarse = 6;          // candidates of the coarse pass
+constexpr int64_t kRounds[] = {4, 4, 2};  // candidates of the narrowing passes
+constexpr double kSpread = 1.25;  // the coarse grid spans at least this factor around the start
 constexpr int64_t kMaxCandidates = 16;  // of one pass
 
 // sum over xs[0..n) of (clamp(round(xs / step), lo, hi) * step - xs)^2, the difference and square
@@ -337,11 +339,11 @@ double cube_root(double y) {
   return t;
 }
 
-// reference.refine_search for one group: sse(cand, K, err) evaluates K candidates in one pass;
-// `rounds` the candidate counts of the narrowing passes.
+// reference.refine_scale's search for one group: sse(cand, K, err) evaluates K candidates in
+// one pass.
 template <typename SSE>
-float refine_search(float s0f, float mf, const std::vector<int64_t>& rounds, double spread,
-                    const SSE& sse) {
+float refine_search(float s0f, float mf, const SSE& sse) {
+  constexpr double spread = kSpread;
   const double s0 = s0f, m = mf;
   const double start = (s0 > 0 && std::isfinite(s0)) ? s0 : m;
   if (!(start > 0 && std::isfinite(start) && m > 0 && std::isfinite(m))) return mf;
@@ -362,7 +364,7 @@ float refine_search(float s0f, float mf, const std::vector<int64_t>& rounds, dou
   double lower = idx > 0 ? cand[idx - 1] : best / ratio;
   double upper = idx < K - 1 ? cand[idx + 1] : best * ratio;
   // Narrowing passes: K points evenly inside the bracket, then two spacings around the best.
-  for (const int64_t count : rounds) {
+  for (const int64_t count : kRounds) {
     K = count;
     const double width = (upper - lower) / static_cast<double>(K + 1);
     for (int64_t k = 0; k < K; ++k) {
@@ -383,12 +385,10 @@ float refine_search(float s0f, float mf, const std::vector<int64_t>& rounds, dou
 
 }  // namespace
 
-at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
-                        int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                        bool is_signed, const std::vector<int64_t>& rounds, double spread) {
-  TORCH_CHECK(std::all_of(rounds.begin(), rounds.end(),
-                          [](int64_t K) { return K >= 1 && K <= kMaxCandidates; }),
-              "refine_scale: rounds must be candidate counts of 1..", kMaxCandidates);
+at::Tensor Kernels::refine(const at::Tensor& x, const at::Tensor& scale, const Groups& gr,
+                         const Levels& lv, bool is_signed) {
+  const int64_t outer = gr.outer, n_groups = gr.n_groups, inner = gr.inner;
+  const int64_t L = lv.L, lo = lv.lo, hi = lv.hi;
   auto out = at::empty({n_groups}, scale.options());
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -408,7 +408,7 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t ou
           auto sse = [&](const float* cand, int64_t K, double* err) {
             buffer_sse(xs, len, cand, K, fL, flo, fhi, err);
           };
-          op[g] = refine_search(sp[g], positive_max(xs, len, is_signed), rounds, spread, sse);
+          op[g] = refine_search(sp[g], positive_max(xs, len, is_signed), sse);
         }
       });
       return;
@@ -436,8 +436,7 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t ou
         op[g] = m;
         continue;
       }
-      op[g] = refine_search(sp[g], m, rounds, spread, [&](const float* cand, int64_t K,
-                                                          double* err) {
+      op[g] = refine_search(sp[g], m, [&](const float* cand, int64_t K, double* err) {
         for_chunks([&](const float* xs, int64_t n, int64_t c) {
           buffer_sse(xs, n, cand, K, fL, flo, fhi, partial.data() + c * K);
         });
@@ -450,13 +449,10 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t ou
   return out;
 }
 
-at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
-                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi) {
-  TORCH_CHECK(cand.dim() == 2 && cand.size(0) == n_groups && cand.size(1) >= 1 &&
-                  cand.size(1) <= kMaxCandidates && cand.scalar_type() == at::kFloat &&
-                  cand.is_contiguous(),
-              "candidate_sse: cand must be a contiguous float32 [n_groups, K] tensor, K in 1..",
-              kMaxCandidates);
+at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& gr,
+                                  const Levels& lv) {
+  const int64_t outer = gr.outer, n_groups = gr.n_groups, inner = gr.inner;
+  const int64_t L = lv.L, lo = lv.lo, hi = lv.hi;
   const int64_t K = cand.size(1), len = outer * inner;
   auto out = at::zeros({n_groups, K}, cand.options().dtype(at::kDouble));
   const float* cp = cand.data_ptr<float>();

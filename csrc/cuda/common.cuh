@@ -251,16 +251,19 @@ __device__ __forceinline__ Totals block_sum(Totals t, Totals* scratch) {
 }
 
 // s_next = S_out / (c n_in + n_out) (double, then float), or max a when nothing lies above s.
+// Each operation rounded on its own (no FMA contraction), as in the reference and the C++ build.
 __device__ __forceinline__ float next_scale(const Totals& t, double octav_const) {
   if (t.n_out == 0) return t.a_max;
-  return static_cast<float>(t.s_out / (octav_const * static_cast<double>(t.n_in) +
-                                       static_cast<double>(t.n_out)));
+  const double den = __dadd_rn(__dmul_rn(octav_const, static_cast<double>(t.n_in)),
+                               static_cast<double>(t.n_out));
+  return static_cast<float>(__ddiv_rn(t.s_out, den));
 }
 
 // The SPEC §2 stopping rules (as csrc/cpu/octav.cpp). True when the iteration ends, with s set.
 __device__ __forceinline__ bool finished(float nxt, float& s, float& prev, double rtol) {
-  const bool converged =
-      nxt == s || fabs(static_cast<double>(nxt) - static_cast<double>(s)) <= rtol * s || nxt != nxt;
+  const bool converged = nxt == s ||
+                         fabs(__dsub_rn(nxt, s)) <= __dmul_rn(rtol, static_cast<double>(s)) ||
+                         nxt != nxt;
   if (converged) {
     s = nxt;
     return true;

@@ -17,8 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-enum Mode : int64_t { kSte = 0, kPwl = 1, kMad = 2 };
-
 template <typename T, bool Vec, bool Signed, bool WriteMask>
 __global__ void __launch_bounds__(kThreads)
     fake_quantize_kernel(const T* __restrict__ x, T* __restrict__ y,
@@ -183,16 +181,17 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::Tensor& scale,
-                                                 int64_t outer, int64_t n_groups, int64_t inner,
-                                                 int64_t L, int64_t lo, int64_t hi,
-                                                 bool is_signed, bool with_mask) {
+at::Tensor Kernels::fake_quantize(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
+                                  const Levels& lv, bool is_signed, at::Tensor* mask_out) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t numel = x.numel();
+  const int64_t numel = x.numel(), n_groups = g.n_groups, inner = g.inner;
   const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+  const bool with_mask = mask_out != nullptr;
+  // One word per 4 chunks of 8: (numel + 31) / 32.
   auto mask = at::empty({with_mask ? (n_chunks + 3) / 4 : 0}, x.options().dtype(at::kInt));
-  if (numel == 0) return {y, mask};
+  const float L = static_cast<float>(lv.L), lo = static_cast<float>(lv.lo),
+              hi = static_cast<float>(lv.hi);
   const auto stream = at::cuda::getCurrentCUDAStream();
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fake_quantize", [&] {
     const bool vec = aligned16(x.data_ptr()) && aligned16(y.data_ptr());
@@ -204,33 +203,30 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::
               <<<blocks_for(n_chunks, kThreads), kThreads, 0, stream>>>(
                   x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<float>(),
                   with_mask ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()) : nullptr,
-                  numel, n_groups, inner, static_cast<float>(L), static_cast<float>(lo),
-                  static_cast<float>(hi));
+                  numel, n_groups, inner, L, lo, hi);
         });
       });
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, mask};
+  if (with_mask) *mask_out = mask;
+  return y;
 }
 
-at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
-                                 int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
-                                 int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
-                                 at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                                 double momentum, const at::Tensor& freeze_threshold,
-                                 bool update) {
+at::Tensor Kernels::tracked(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
+                            const Levels& lv, at::Tensor& last_int, at::Tensor& last_dir,
+                            at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
+                            double momentum, const at::Tensor& freeze_threshold, bool update) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t numel = x.numel();
-  if (numel == 0) return y;
+  const int64_t numel = x.numel(), n_groups = g.n_groups, inner = g.inner;
   const auto stream = at::cuda::getCurrentCUDAStream();
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fq_tracked", [&] {
     fake_quantize_tracked_kernel<scalar_t><<<blocks_for(numel, kThreads), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<float>(),
         last_int.data_ptr<int8_t>(), last_dir.data_ptr<int8_t>(), frozen.data_ptr<bool>(),
         osc_freq.data_ptr<float>(), int_ema.data_ptr<float>(), numel, n_groups, inner,
-        static_cast<float>(L), static_cast<float>(lo), static_cast<float>(hi),
+        static_cast<float>(lv.L), static_cast<float>(lv.lo), static_cast<float>(lv.hi),
         static_cast<float>(momentum), static_cast<float>(1.0 - momentum),
         freeze_threshold.data_ptr<float>(), update);
   });
@@ -238,18 +234,16 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
   return y;
 }
 
-namespace {
-
 // err (float32) for grad undefined, else grad_w (w's dtype).
-at::Tensor dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
-                     int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                     const at::Tensor& frozen) {
+at::Tensor Kernels::dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
+                              const Groups& g, const Levels& lv, const at::Tensor& frozen) {
   const c10::cuda::CUDAGuard guard(w.device());
   const bool backward = grad.defined();
   auto out = backward ? at::empty_like(w, at::MemoryFormat::Contiguous)
                       : at::empty(w.sizes(), w.options().dtype(at::kFloat));
-  const int64_t numel = w.numel();
-  if (numel == 0) return out;
+  const int64_t numel = w.numel(), n_groups = g.n_groups, inner = g.inner;
+  const float L = static_cast<float>(lv.L), lo = static_cast<float>(lv.lo),
+              hi = static_cast<float>(lv.hi);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
   OCTAV_DISPATCH_FLOATING(w.scalar_type(), "dampening", [&] {
@@ -257,42 +251,23 @@ at::Tensor dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tens
     if (backward) {
       dampening_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
           w.data_ptr<scalar_t>(), grad.data_ptr<float>(), nullptr, out.data_ptr<scalar_t>(),
-          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, static_cast<float>(L),
-          static_cast<float>(lo), static_cast<float>(hi));
+          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, L, lo, hi);
     } else {
       dampening_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
           w.data_ptr<scalar_t>(), nullptr, out.data_ptr<float>(), nullptr,
-          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, static_cast<float>(L),
-          static_cast<float>(lo), static_cast<float>(hi));
+          scale.data_ptr<float>(), frozen_p, numel, n_groups, inner, L, lo, hi);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-}  // namespace
-
-at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t outer,
-                           int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                           const at::Tensor& frozen) {
-  return dampening(w, at::Tensor(), scale, n_groups, inner, L, lo, hi, frozen);
-}
-
-at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
-                              const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                              int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                              const at::Tensor& frozen) {
-  return dampening(w, grad, scale, n_groups, inner, L, lo, hi, frozen);
-}
-
-at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
-                                  const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                                  int64_t inner, bool is_signed, int64_t mode,
-                                  const at::Tensor& frozen) {
+at::Tensor Kernels::backward(const at::Tensor& grad, const at::Tensor& x,
+                             const at::Tensor& scale, const Groups& g, bool is_signed,
+                             Grad mode, const at::Tensor& frozen) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t numel = x.numel();
-  if (numel == 0) return gx;
+  const int64_t numel = x.numel(), n_groups = g.n_groups, inner = g.inner;
   const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
   const auto stream = at::cuda::getCurrentCUDAStream();
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "fq_backward", [&] {
@@ -321,11 +296,10 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
   return gx;
 }
 
-at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask) {
+at::Tensor Kernels::pwl_backward_packed(const at::Tensor& grad, const at::Tensor& mask) {
   const c10::cuda::CUDAGuard guard(grad.device());
   auto gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
   const int64_t numel = grad.numel();
-  if (numel == 0) return gx;
   const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
   const auto stream = at::cuda::getCurrentCUDAStream();
   OCTAV_DISPATCH_FLOATING(grad.scalar_type(), "masked_bwd", [&] {

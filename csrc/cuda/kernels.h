@@ -1,75 +1,53 @@
-// CUDA kernels of octav_kernels (built when a CUDA toolkit and a CUDA build of torch are found).
-// Same contract as cpu/kernels.h: contiguous tensors already validated by octav_kernels/ops.py,
-// seen as [outer, n_groups, inner] with group c = x[:, c, :]; float32, float16 or bfloat16.
+// The CUDA kernels of the octav ops (built when a CUDA toolkit and a CUDA build of torch are
+// found), the same contract as cpu/kernels.h (csrc/ops.h says what each computes): octav.cu
+// (masked sums, the OCTAV solvers, the fused OCTAV + fake-quant), fake_quant.cu (forward with the
+// packed PWL mask, backward, tracked forward, dampening), refine.cu (one pass of the refinement
+// search; the search itself is octav_kernels.drivers'). float32, float16 and bfloat16. Host
+// declarations only: included by the host compiler (csrc/ops.cpp) too.
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <tuple>
 
+#include "../args.h"
+
 namespace octav::cuda {
 
-// (S_out float32, n_in int64, n_out int64) per group at the given float32 scale [n_groups].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
-                                                           const at::Tensor& scale,
-                                                           int64_t outer, int64_t n_groups,
-                                                           int64_t inner, bool is_signed);
-
-// OCTAV fixed point per group; init is an empty tensor (cold start) or float32 [n_groups].
-at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
-                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
-                       int64_t max_iters, double rtol);
-
-// (y, scale, mask): the OCTAV scale (default max_iters and rtol) and the quantized tensor,
-// fused; with_mask adds the packed PWL mask (see fake_quantize), else mask is empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize(
-    const at::Tensor& x, const at::Tensor& init, int64_t outer, int64_t n_groups, int64_t inner,
-    bool is_signed, double octav_const, int64_t L, int64_t lo, int64_t hi, bool with_mask);
-
-// (y, mask): q = clamp(round(x / step), lo, hi) * step with step = s / L (q = 0 where s == 0);
-// with_mask adds the bit-packed PWL mask (int32 words, bit k % 32 of word k / 32 set where
-// PWL passes element k's gradient), else mask is empty.
-std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, const at::Tensor& scale,
-                                                 int64_t outer, int64_t n_groups, int64_t inner,
-                                                 int64_t L, int64_t lo, int64_t hi,
-                                                 bool is_signed, bool with_mask);
-
-// fake_quantize that also updates the oscillation state of every element in place (int8
-// last_int and last_dir, bool frozen, float32 osc_freq and int_ema, all contiguous like x) and
-// outputs frozen elements at their kept level (octav_kernels.reference.fake_quantize_tracked);
-// freeze_threshold is a 0-dim float32 tensor on the device (read by the kernel: no host sync).
-at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t outer,
-                                 int64_t n_groups, int64_t inner, int64_t L, int64_t lo,
-                                 int64_t hi, at::Tensor& last_int, at::Tensor& last_dir,
-                                 at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                                 double momentum, const at::Tensor& freeze_threshold,
-                                 bool update);
-
-// The oscillation-dampening term (q(w) - clamp(w, lo * step, hi * step))**2 per element, float32,
-// 0 where the bool mask frozen is set (empty: no mask); and its gradient for a float32 grad,
-// in w's dtype (octav_kernels.reference.dampening_error / dampening_backward).
-at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t outer,
-                           int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi,
-                           const at::Tensor& frozen);
-at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
-                              const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                              int64_t inner, int64_t L, int64_t lo, int64_t hi,
+struct Kernels {
+  static at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
+                                  const Levels& lv, bool is_signed, at::Tensor* mask);
+  static at::Tensor backward(const at::Tensor& grad, const at::Tensor& x,
+                             const at::Tensor& scale, const Groups& g, bool is_signed,
+                             Grad mode, const at::Tensor& frozen);
+  static at::Tensor pwl_backward_packed(const at::Tensor& grad, const at::Tensor& mask);
+  static at::Tensor tracked(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
+                            const Levels& lv, at::Tensor& last_int, at::Tensor& last_dir,
+                            at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
+                            double momentum, const at::Tensor& freeze_threshold, bool update);
+  static at::Tensor dampening(const at::Tensor& w, const at::Tensor& grad,
+                              const at::Tensor& scale, const Groups& g, const Levels& lv,
                               const at::Tensor& frozen);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
+                                                                    const at::Tensor& scale,
+                                                                    const Groups& g,
+                                                                    bool is_signed);
+  static at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g,
+                                bool is_signed, double octav_const, int64_t max_iters,
+                                double rtol);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused(const at::Tensor& x,
+                                                              const at::Tensor& init,
+                                                              const Groups& g, int64_t bits,
+                                                              bool is_signed, bool narrow,
+                                                              bool with_mask);
+  static at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& g,
+                                  const Levels& lv);
+};
 
-// grad_x for grad mode 0 = ste, 1 = pwl, 2 = mad (SPEC §3), 0 where the bool mask frozen is
-// set (an empty frozen: no mask). grad has x's dtype.
-at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
-                                  const at::Tensor& scale, int64_t outer, int64_t n_groups,
-                                  int64_t inner, bool is_signed, int64_t mode,
-                                  const at::Tensor& frozen);
+// Whether this build has a kernel image (SASS, or PTX the driver can JIT) for GPU `device`
+// (octav_kernels.backend serves the GPUs it has none for from Triton).
+bool kernels_run_on(int64_t device);
 
-// grad_x = grad where the PWL mask bit is set, else 0.
-at::Tensor masked_backward(const at::Tensor& grad, const at::Tensor& mask);
-
-// Squared error of the float32 quantizer (levels lo..hi, step = c / L) per group and candidate
-// scale: cand float32 [n_groups, 8] -> float64 [n_groups, 8]
-// (octav_kernels.reference.candidate_sse).
-at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
-                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi);
+// The dynamic shared memory the OCTAV block-per-group kernel may use on GPU `device`
+// (solver_path.h: smem_budget), cached per device.
+int64_t octav_smem_budget(int64_t device);
 
 }  // namespace octav::cuda

@@ -1,10 +1,11 @@
 // OCTAV statistics and fixed point on CUDA (SPEC §2), alone or fused with the fake-quant.
 //
 // Groups (channels, blocks) are solved on-chip: a warp (groups of <= kWarpGroupMax elements, 8
-// per block) or a block (up to the shared-memory budget) loads its group into shared memory
-// once, iterates the recursion there with register/shuffle reductions until it stops, then
-// writes the scale and, fused, the quantized group: one read and one write of the tensor.
-// Larger groups among several are iterated by one block each over global memory (L2 helps).
+// per block) or a block (up to the device's shared-memory budget: solver_path.h) loads its group
+// into shared memory once, iterates the recursion there with register/shuffle reductions until
+// it stops, then writes the scale and, fused, the quantized group: one read and one write of the
+// tensor. Larger groups among several are iterated by one block each over global memory (L2
+// helps). Blocks loop over groups (grid-stride), so any number of groups fits one launch.
 //
 // A whole tensor (one group too large for one SM) is solved by one cooperative launch: every
 // block reduces its grid-stride share of a pass, writes a (double, int64, int64, float) partial,
@@ -18,20 +19,21 @@
 // them per group in order.
 #include "kernels.h"
 #include "common.cuh"
+#include "solver_path.h"
+#include "../ops.h"
 
 #include <cooperative_groups.h>
 
 #include <limits>
+#include <mutex>
+#include <vector>
 
 namespace octav::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kBlock = 512;            // threads of a block-per-group or whole-tensor block
-constexpr int kWarpsPerBlock = 8;      // groups per block in the warp-per-group kernel
-constexpr int64_t kWarpGroupMax = 1024;
-constexpr int64_t kSmemBudget = 160 * 1024;  // bytes of shared memory for one group
+constexpr int kBlock = 512;  // threads of a block-per-group or whole-tensor block
 
 // Group c of the contiguous [outer, n_groups, inner] view; element j is x[j / inner, c, j % inner].
 struct Geometry {
@@ -86,47 +88,50 @@ __global__ void __launch_bounds__(kBlock)
   const int tpg = TPG == kWarp ? kWarp : blockDim.x;  // threads per group
   const int64_t groups_per_block = blockDim.x / tpg;
   const int slot = threadIdx.x / tpg, t = threadIdx.x % tpg;
-  const int64_t c = blockIdx.x * groups_per_block + slot;
-  if (c >= geo.n_groups) return;  // a whole warp (TPG == 32) or, with one group per block, all
   const int64_t len = geo.len();
   T* buf = reinterpret_cast<T*>(smem) + (OnChip ? slot * len : 0);
-  if constexpr (OnChip) {
+  // c is uniform over the threads of a group (a warp, or the whole block), so are the barriers.
+  for (int64_t c = blockIdx.x * groups_per_block + slot; c < geo.n_groups;
+       c += static_cast<int64_t>(gridDim.x) * groups_per_block) {
+    if constexpr (OnChip) {
 #pragma unroll 4
-    for (int64_t j = t; j < len; j += tpg) buf[j] = x[geo.offset(c, j)];
-    group_sync<TPG>();
-  }
-  auto value = [&](int64_t j) -> float {
-    return static_cast<float>(OnChip ? buf[j] : x[geo.offset(c, j)]);
-  };
-  auto pass = [&](float s) {
-    Totals total;
-    Stats part;
-    int n = 0;
+      for (int64_t j = t; j < len; j += tpg) buf[j] = x[geo.offset(c, j)];
+      group_sync<TPG>();
+    }
+    auto value = [&](int64_t j) -> float {
+      return static_cast<float>(OnChip ? buf[j] : x[geo.offset(c, j)]);
+    };
+    auto pass = [&](float s) {
+      Totals total;
+      Stats part;
+      int n = 0;
 #pragma unroll 4
-    for (int64_t j = t; j < len; j += tpg) {
-      part.add<Signed>(value(j), s);
-      if (++n == 256) {  // keep float partials short
-        total.add(part);
-        part = Stats{};
-        n = 0;
+      for (int64_t j = t; j < len; j += tpg) {
+        part.add<Signed>(value(j), s);
+        if (++n == 256) {  // keep float partials short
+          total.add(part);
+          part = Stats{};
+          n = 0;
+        }
+      }
+      total.add(part);
+      return group_sum<TPG>(total, scratch);
+    };
+
+    float s = solver.init != nullptr ? solver.init[c] : 0.0f;
+    if (!(s > 0.0f)) s = next_scale(pass(0.0f), solver.octav_const);  // cold: mean of nonzero a
+    float prev = std::numeric_limits<float>::quiet_NaN();
+    for (int it = 0; it < solver.max_iters; ++it) {
+      if (finished(next_scale(pass(s), solver.octav_const), s, prev, solver.rtol)) break;
+    }
+    if (t == 0) scale_out[c] = s;
+    if (y != nullptr) {
+      const float step = __fdiv_rn(s, qz.L);
+      for (int64_t j = t; j < len; j += tpg) {
+        y[geo.offset(c, j)] = static_cast<T>(quantize(value(j), step, qz.lo, qz.hi));
       }
     }
-    total.add(part);
-    return group_sum<TPG>(total, scratch);
-  };
-
-  float s = solver.init != nullptr ? solver.init[c] : 0.0f;
-  if (!(s > 0.0f)) s = next_scale(pass(0.0f), solver.octav_const);  // cold: mean of nonzero a
-  float prev = std::numeric_limits<float>::quiet_NaN();
-  for (int it = 0; it < solver.max_iters; ++it) {
-    if (finished(next_scale(pass(s), solver.octav_const), s, prev, solver.rtol)) break;
-  }
-  if (t == 0) scale_out[c] = s;
-  if (y != nullptr) {
-    const float step = __fdiv_rn(s, qz.L);
-    for (int64_t j = t; j < len; j += tpg) {
-      y[geo.offset(c, j)] = static_cast<T>(quantize(value(j), step, qz.lo, qz.hi));
-    }
+    group_sync<TPG>();  // the next group reuses the buffer and the scratch
   }
 }
 
@@ -186,44 +191,54 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// masked_sums: block c * splits + split reduces elements [split * per, (split + 1) * per) of
-// group c (a 1-D grid: gridDim.y would cap the groups at 65535).
+// masked_sums: item b = c * splits + split reduces elements [split * per, (split + 1) * per)
+// of group c; blocks loop over items (a 1-D grid: gridDim.y would cap the groups at 65535).
 template <typename T, bool Signed>
 __global__ void __launch_bounds__(kBlock)
     masked_sums_partial_kernel(const T* __restrict__ x, const float* __restrict__ scale,
                                Totals* __restrict__ partials, Geometry geo, int64_t splits,
                                int64_t per) {
   __shared__ Totals scratch[kWarp];
-  const int64_t c = blockIdx.x / splits, split = blockIdx.x % splits;
-  const float s = scale[c];
-  const int64_t end = std::min(geo.len(), (split + 1) * per);
-  Totals mine;
-  Stats part;
-  int n = 0;
-  for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
-    part.add<Signed>(static_cast<float>(x[geo.offset(c, j)]), s);
-    if (++n == 256) {
-      mine.add(part);
-      part = Stats{};
-      n = 0;
+  for (int64_t b = blockIdx.x; b < geo.n_groups * splits; b += gridDim.x) {
+    const int64_t c = b / splits, split = b % splits;
+    const float s = scale[c];
+    const int64_t end = std::min(geo.len(), (split + 1) * per);
+    Totals mine;
+    Stats part;
+    int n = 0;
+    for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
+      part.add<Signed>(static_cast<float>(x[geo.offset(c, j)]), s);
+      if (++n == 256) {
+        mine.add(part);
+        part = Stats{};
+        n = 0;
+      }
     }
+    mine.add(part);
+    const Totals block = block_sum(mine, scratch);
+    if (threadIdx.x == 0) partials[b] = block;
   }
-  mine.add(part);
-  const Totals block = block_sum(mine, scratch);
-  if (threadIdx.x == 0) partials[blockIdx.x] = block;
 }
 
 __global__ void masked_sums_finish_kernel(const Totals* __restrict__ partials, int64_t splits,
                                           int64_t n_groups, float* __restrict__ s_out,
                                           int64_t* __restrict__ n_in,
                                           int64_t* __restrict__ n_out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= n_groups) return;
-  Totals t;
-  for (int64_t k = 0; k < splits; ++k) t.add(partials[c * splits + k]);
-  s_out[c] = static_cast<float>(t.s_out);
-  n_in[c] = t.n_in;
-  n_out[c] = t.n_out;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_groups;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Totals t;
+    for (int64_t k = 0; k < splits; ++k) t.add(partials[c * splits + k]);
+    s_out[c] = static_cast<float>(t.s_out);
+    n_in[c] = t.n_in;
+    n_out[c] = t.n_out;
+  }
+}
+
+// Blocks of a grid-stride launch over n_items of `per_block` each (gridDim.x is at most 2^31-1).
+unsigned grid_for(int64_t n_items, int64_t per_block) {
+  constexpr int64_t kMaxGrid = int64_t{1} << 30;
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((n_items + per_block - 1) / per_block, kMaxGrid)));
 }
 
 template <typename Kernel>
@@ -234,9 +249,10 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-// Whether solve() takes the whole-tensor cooperative path.
-bool whole_tensor(const Geometry& geo, int64_t elem_size) {
-  return geo.n_groups == 1 && geo.len() > kWarpGroupMax && geo.len() * elem_size > kSmemBudget;
+// The path solve() takes on the current device.
+SolverPath path_for(const Geometry& geo, int64_t elem_size) {
+  return solver_path(geo.n_groups, geo.len(), elem_size,
+                     octav_smem_budget(c10::cuda::current_device()));
 }
 
 // Solves every group; writes y too when it is defined, and the packed PWL mask when that is
@@ -249,6 +265,7 @@ void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::T
   Solver solver = solver_in;
   solver.init = init.numel() > 0 ? init.data_ptr<float>() : nullptr;
   const int64_t len = geo.len();
+  const SolverPath path = path_for(geo, x.element_size());
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "octav_scale", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
@@ -256,22 +273,23 @@ void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::T
     const int64_t group_bytes = len * static_cast<int64_t>(sizeof(scalar_t));
     dispatch_bool(is_signed, [&](auto sg) {
       constexpr bool S = decltype(sg)::value;
-      if (len <= kWarpGroupMax) {
+      if (path == SolverPath::kWarpPerGroup) {
         const int64_t smem = kWarpsPerBlock * group_bytes;
         auto kernel = octav_groups_kernel<scalar_t, S, kWarp, true>;
         allow_smem(kernel, smem);
-        const int64_t blocks = (geo.n_groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
-        kernel<<<blocks, kWarpsPerBlock * kWarp, smem, stream>>>(xp, sp, yp, geo, solver, qz);
-      } else if (group_bytes <= kSmemBudget) {
+        kernel<<<grid_for(geo.n_groups, kWarpsPerBlock), kWarpsPerBlock * kWarp, smem, stream>>>(
+            xp, sp, yp, geo, solver, qz);
+      } else if (path == SolverPath::kBlockOnChip) {
         // About 32 elements per thread (fewer threads: cheaper reductions, more groups per SM).
         int threads = 128;
         while (threads < kBlock && threads * 32 < len) threads *= 2;
         auto kernel = octav_groups_kernel<scalar_t, S, kBlock, true>;
         allow_smem(kernel, group_bytes);
-        kernel<<<geo.n_groups, threads, group_bytes, stream>>>(xp, sp, yp, geo, solver, qz);
-      } else if (!whole_tensor(geo, sizeof(scalar_t))) {
+        kernel<<<grid_for(geo.n_groups, 1), threads, group_bytes, stream>>>(xp, sp, yp, geo,
+                                                                              solver, qz);
+      } else if (path == SolverPath::kBlockGlobal) {
         octav_groups_kernel<scalar_t, S, kBlock, false>
-            <<<geo.n_groups, kBlock, 0, stream>>>(xp, sp, yp, geo, solver, qz);
+            <<<grid_for(geo.n_groups, 1), kBlock, 0, stream>>>(xp, sp, yp, geo, solver, qz);
       } else {
         const bool vec = aligned16(xp) && (yp == nullptr || aligned16(yp));
         uint32_t* mp = mask.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>())
@@ -302,18 +320,53 @@ void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+Geometry geometry(const Groups& g) { return {g.outer, g.n_groups, g.inner}; }
+
+__global__ void probe_kernel() {}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
-                                                           const at::Tensor& scale,
-                                                           int64_t outer, int64_t n_groups,
-                                                           int64_t inner, bool is_signed) {
+bool kernels_run_on(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, probe_kernel);
+  if (err == cudaSuccess) return true;
+  (void)cudaGetLastError();  // clear the error state
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
+      err == cudaErrorUnsupportedPtxVersion || err == cudaErrorInvalidPtx) {
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return false;
+}
+
+int64_t octav_smem_budget(int64_t device) {
+  static std::mutex lock;
+  static std::vector<int64_t> cached;
+  const std::lock_guard<std::mutex> hold(lock);
+  if (device >= static_cast<int64_t>(cached.size())) cached.resize(device + 1, -1);
+  if (cached[device] < 0) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaFuncAttributes attr;  // the static shared memory is the same in every instantiation
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, octav_groups_kernel<float, true, kBlock, true>));
+    const auto* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    cached[device] = smem_budget(static_cast<int64_t>(prop->sharedMemPerBlockOptin),
+                                 static_cast<int64_t>(attr.sharedSizeBytes));
+  }
+  return cached[device];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Tensor& x,
+                                                                    const at::Tensor& scale,
+                                                                    const Groups& g,
+                                                                    bool is_signed) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_groups = g.n_groups;
   auto s_out = at::empty({n_groups}, x.options().dtype(at::kFloat));
   auto n_in = at::empty({n_groups}, x.options().dtype(at::kLong));
   auto n_out = at::empty({n_groups}, x.options().dtype(at::kLong));
-  const Geometry geo{outer, n_groups, inner};
+  const Geometry geo = geometry(g);
   const int64_t len = geo.len();
   // Enough slices to fill the GPU, none shorter than 4 elements per thread.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -327,48 +380,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "masked_sums", [&] {
     dispatch_bool(is_signed, [&](auto sg) {
       masked_sums_partial_kernel<scalar_t, decltype(sg)::value>
-          <<<static_cast<unsigned>(n_groups * splits), kBlock, 0, stream>>>(
+          <<<grid_for(n_groups * splits, 1), kBlock, 0, stream>>>(
               x.data_ptr<scalar_t>(), scale.data_ptr<float>(), pp, geo, splits, per);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  masked_sums_finish_kernel<<<(n_groups + 255) / 256, 256, 0, stream>>>(
+  masked_sums_finish_kernel<<<grid_for(n_groups, 256), 256, 0, stream>>>(
       pp, splits, n_groups, s_out.data_ptr<float>(), n_in.data_ptr<int64_t>(),
       n_out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {s_out, n_in, n_out};
 }
 
-at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, int64_t outer,
-                       int64_t n_groups, int64_t inner, bool is_signed, double octav_const,
-                       int64_t max_iters, double rtol) {
-  auto scale = at::empty({n_groups}, x.options().dtype(at::kFloat));
+at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g,
+                                bool is_signed, double octav_const, int64_t max_iters,
+                                double rtol) {
+  auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
   at::Tensor y, mask;
-  solve(x, init, scale, y, mask, {outer, n_groups, inner}, is_signed,
+  // max_iters <= kMaxIters (args.h) fits the kernels' int.
+  solve(x, init, scale, y, mask, geometry(g), is_signed,
         {nullptr, octav_const, rtol, static_cast<int>(max_iters)}, {1.0f, 0.0f, 0.0f});
   return scale;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize(
-    const at::Tensor& x, const at::Tensor& init, int64_t outer, int64_t n_groups, int64_t inner,
-    bool is_signed, double octav_const, int64_t L, int64_t lo, int64_t hi, bool with_mask) {
-  const Geometry geo{outer, n_groups, inner};
-  auto scale = at::empty({n_groups}, x.options().dtype(at::kFloat));
-  const Solver solver{nullptr, octav_const, 1e-6, 32};
-  const Quantizer qz{static_cast<float>(L), static_cast<float>(lo), static_cast<float>(hi)};
-  if (with_mask && !whole_tensor(geo, x.element_size())) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::fused(const at::Tensor& x,
+                                                              const at::Tensor& init,
+                                                              const Groups& g, int64_t bits,
+                                                              bool is_signed, bool narrow,
+                                                              bool with_mask) {
+  if (transposed_for_kernels(g)) {
+    // The solver reads a transposed copy: quantize the original layout with its scale.
+    return ops::compose_fused<Kernels>(x, init, g, bits, is_signed, narrow, with_mask);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const Geometry geo = geometry(g);
+  const Levels lv = levels(bits, is_signed, narrow);
+  auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
+  const Solver solver{nullptr, octav_constant(bits, is_signed, narrow), 1e-6, 32};
+  const Quantizer qz{static_cast<float>(lv.L), static_cast<float>(lv.lo),
+                     static_cast<float>(lv.hi)};
+  if (with_mask && path_for(geo, x.element_size()) != SolverPath::kWholeTensor) {
     // Groups are written from shared memory in group order; the mask is written in flat order
     // by the elementwise kernel: solve, then quantize (one more read of x).
     at::Tensor no_y, no_mask;
-    solve(x, init, scale, no_y, no_mask, geo, is_signed, solver, qz);
-    auto [y, mask] = fake_quantize(x, scale, outer, n_groups, inner, L, lo, hi, is_signed, true);
+    solve(xc, init, scale, no_y, no_mask, geo, is_signed, solver, qz);
+    at::Tensor mask;
+    at::Tensor y = fake_quantize(xc, scale, g, lv, is_signed, &mask);
     return {y, scale, mask};
   }
-  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto mask = with_mask ? at::empty({(x.numel() + 31) / 32}, x.options().dtype(at::kInt))
-                        : at::empty({0}, x.options().dtype(at::kInt));
+  auto y = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  auto mask = at::empty({with_mask ? (x.numel() + 31) / 32 : 0}, x.options().dtype(at::kInt));
   at::Tensor mask_arg = with_mask ? mask : at::Tensor();
-  solve(x, init, scale, y, mask_arg, geo, is_signed, solver, qz);
+  solve(xc, init, scale, y, mask_arg, geo, is_signed, solver, qz);
   return {y, scale, mask};
 }
 

@@ -12,7 +12,7 @@
 namespace octav::cuda {
 namespace {
 
-constexpr int kMaxCandidates = 8;  // of one pass of reference.refine_search (it uses <= 6)
+constexpr int kMaxCandidates = 8;  // of one _candidate_sse pass (csrc/ops.h; the search uses <= 6)
 constexpr int kSseBlock = 256;
 
 template <typename T>
@@ -22,52 +22,52 @@ __global__ void __launch_bounds__(kSseBlock)
                          int64_t inner, int64_t splits, int64_t per, int K, float L,
                          float lo, float hi) {
   __shared__ double scratch[kSseBlock / kWarp][kMaxCandidates];
-  const int64_t g = blockIdx.x / splits, split = blockIdx.x % splits;
-  float step[kMaxCandidates];
-  double acc[kMaxCandidates];
-#pragma unroll
-  for (int k = 0; k < kMaxCandidates; ++k) {  // unused slots repeat the last candidate
-    step[k] = __fdiv_rn(cand[g * K + min(k, K - 1)], L);
-    acc[k] = 0.0;
-  }
   const int64_t len = outer * inner;
-  const int64_t end = std::min(len, (split + 1) * per);
-  for (int64_t e = split * per + threadIdx.x; e < end; e += blockDim.x) {
-    const int64_t o = outer == 1 ? 0 : e / inner;
-    const float v = static_cast<float>(x[(o * n_groups + g) * inner + (e - o * inner)]);
-    const double vd = v;
+  for (int64_t item = blockIdx.x; item < n_groups * splits; item += gridDim.x) {
+    const int64_t g = item / splits, split = item % splits;
+    float step[kMaxCandidates];
+    double acc[kMaxCandidates];
+#pragma unroll
+    for (int k = 0; k < kMaxCandidates; ++k) {  // unused slots repeat the last candidate
+      step[k] = __fdiv_rn(cand[g * K + min(k, K - 1)], L);
+      acc[k] = 0.0;
+    }
+    const int64_t end = std::min(len, (split + 1) * per);
+    for (int64_t e = split * per + threadIdx.x; e < end; e += blockDim.x) {
+      const int64_t o = outer == 1 ? 0 : e / inner;
+      const float v = static_cast<float>(x[(o * n_groups + g) * inner + (e - o * inner)]);
+      const double vd = v;
+#pragma unroll
+      for (int k = 0; k < kMaxCandidates; ++k) {
+        if (k >= K) break;  // uniform across the block
+        const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
+        acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
+      }
+    }
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
     for (int k = 0; k < kMaxCandidates; ++k) {
-      if (k >= K) break;  // uniform across the block
-      const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
-      acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
+      for (int d = kWarp / 2; d > 0; d /= 2) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], d);
+      if (lane == 0) scratch[warp][k] = acc[k];
     }
-  }
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int k = 0; k < kMaxCandidates; ++k) {
-    for (int d = kWarp / 2; d > 0; d /= 2) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], d);
-    if (lane == 0) scratch[warp][k] = acc[k];
-  }
-  __syncthreads();
-  if (threadIdx.x < K) {
-    double total = 0.0;
-    for (int w = 0; w < kSseBlock / kWarp; ++w) total += scratch[w][threadIdx.x];
-    partials[blockIdx.x * K + threadIdx.x] = total;
+    __syncthreads();
+    if (threadIdx.x < K) {
+      double total = 0.0;
+      for (int w = 0; w < kSseBlock / kWarp; ++w) total += scratch[w][threadIdx.x];
+      partials[item * K + threadIdx.x] = total;  // int64: n_groups * splits * K may pass 2^32
+    }
+    __syncthreads();  // the next item reuses the scratch
   }
 }
 
 }  // namespace
 
-at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t outer,
-                         int64_t n_groups, int64_t inner, int64_t L, int64_t lo, int64_t hi) {
-  TORCH_CHECK(cand.dim() == 2 && cand.size(0) == n_groups && cand.size(1) >= 1 &&
-                  cand.size(1) <= kMaxCandidates,
-              "candidate_sse: cand must be [n_groups, K] with 1 <= K <= ", kMaxCandidates);
-  const int K = static_cast<int>(cand.size(1));
+at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& g,
+                                  const Levels& lv) {
+  const int K = static_cast<int>(cand.size(1));  // 1..kMaxCandidates (csrc/ops.h checks it)
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t len = outer * inner;
+  const int64_t outer = g.outer, n_groups = g.n_groups, inner = g.inner, len = g.len();
   // Enough slices to fill the GPU, none shorter than 8 elements per thread.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t splits = std::max<int64_t>(
@@ -75,12 +75,12 @@ at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t ou
                            (4 * sms + n_groups - 1) / n_groups));
   const int64_t per = (len + splits - 1) / splits;
   auto partials = at::empty({n_groups, splits, K}, x.options().dtype(at::kDouble));
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(n_groups * splits, int64_t{1} << 30));
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "candidate_sse", [&] {
-    const auto blocks = static_cast<unsigned>(n_groups * splits);
     candidate_sse_kernel<scalar_t><<<blocks, kSseBlock, 0, stream>>>(
         x.data_ptr<scalar_t>(), cand.data_ptr<float>(), partials.data_ptr<double>(), outer,
-        n_groups, inner, splits, per, K, static_cast<float>(L), static_cast<float>(lo),
-        static_cast<float>(hi));
+        n_groups, inner, splits, per, K, static_cast<float>(lv.L), static_cast<float>(lv.lo),
+        static_cast<float>(lv.hi));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials.sum(1);

@@ -9,6 +9,18 @@ import triton
 import triton.language as tl
 
 
+def launch(kernel, grid, device_tensor: torch.Tensor, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device_tensor``'s GPU. Triton launches on the current
+    CUDA device (and its stream), which need not be the tensor's: a model-parallel layer on
+    cuda:1, or ``.to("cuda:1")`` without ``torch.cuda.set_device``. Every launch of this package
+    goes through here."""
+    if device_tensor.is_cuda:
+        with torch.cuda.device(device_tensor.device):
+            kernel[grid](*args, **meta)
+    else:  # CPU tensors under TRITON_INTERPRET=1
+        kernel[grid](*args, **meta)
+
+
 def check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton backend takes float32, float16 or bfloat16, got {x.dtype}")

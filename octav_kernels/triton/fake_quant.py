@@ -13,13 +13,22 @@ import triton
 import triton.language as tl
 
 from .._args import GRADS, groups, levels
-from ._common import check_dtype, exact_bf16_store, grid_level, quantize, round_to_bf16
+from ._common import check_dtype, exact_bf16_store, grid_level, launch, quantize, round_to_bf16
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo, hi,
+def _inside(x, s, SIGNED: tl.constexpr):
+    # Whether PWL passes the gradient of x (SPEC §3): |x| <= s signed, 0 <= x <= s unsigned.
+    if SIGNED:
+        return tl.abs(x) <= s
+    return (x >= 0) & (x <= s)
+
+
+@triton.jit
+def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, mask_ptr, numel, n_groups, inner, L, lo, hi,
+                          SIGNED: tl.constexpr, WRITE_MASK: tl.constexpr,
                           ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = k < numel
@@ -29,6 +38,20 @@ def _fake_quantize_kernel(x_ptr, y_ptr, scale_ptr, numel, n_groups, inner, L, lo
     if ROUND_BF16:
         q = round_to_bf16(q)
     tl.store(y_ptr + k, q.to(y_ptr.dtype.element_ty), mask=valid)
+    if WRITE_MASK:  # bit k % 32 of word k // 32: the block's BLOCK // 32 words
+        bits = tl.reshape((valid & _inside(x, s, SIGNED)).to(tl.int64), (BLOCK // 32, 32))
+        words = tl.sum(bits << tl.arange(0, 32).to(tl.int64)[None, :], axis=1)
+        w = tl.program_id(0).to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+        tl.store(mask_ptr + w, words.to(tl.int32), mask=w < (numel + 31) // 32)
+
+
+@triton.jit
+def _pwl_backward_packed_kernel(g_ptr, mask_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = k < numel
+    word = tl.load(mask_ptr + k // 32, mask=valid, other=0)
+    g = tl.load(g_ptr + k, mask=valid, other=0.0)
+    tl.store(out_ptr + k, tl.where(((word >> (k % 32).to(tl.int32)) & 1) != 0, g, 0.0), mask=valid)
 
 
 @triton.jit
@@ -132,17 +155,38 @@ def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr,
     tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
-                  narrow=False):
+def _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, with_mask):
     check_dtype(x)
     g = groups(x, dim, group_size)
     L, lo, hi = levels(bits, signed, narrow)
     x = x.contiguous()
     y = torch.empty_like(x)
-    _fake_quantize_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
-        x, y, scale.reshape(-1).float().contiguous(), x.numel(), g.n_groups, g.inner,
-        float(L), float(lo), float(hi), ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
-    return y
+    mask = torch.empty((x.numel() + 31) // 32 if with_mask else 0, dtype=torch.int32,
+                       device=x.device)
+    launch(_fake_quantize_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
+        x, y, scale.reshape(-1).float().contiguous(), mask if with_mask else y, x.numel(),
+        g.n_groups, g.inner, float(L), float(lo), float(hi), SIGNED=signed,
+        WRITE_MASK=with_mask, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
+    return y, mask
+
+
+def fake_quantize(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                  narrow=False):
+    return _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, False)[0]
+
+
+def fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    """``(y, mask)``: fake_quantize and the packed PWL mask from the same read of x."""
+    return _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, True)
+
+
+def pwl_backward_packed(grad_out, mask):
+    check_dtype(grad_out)
+    grad_out = grad_out.contiguous()
+    out = torch.empty_like(grad_out)
+    launch(_pwl_backward_packed_kernel, (triton.cdiv(grad_out.numel(), _BLOCK),), grad_out,
+        grad_out, mask.contiguous(), out, grad_out.numel(), BLOCK=_BLOCK)
+    return out
 
 
 def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size=None,
@@ -152,7 +196,7 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     x = x.contiguous()
     grad_out = grad_out.to(x.dtype).contiguous()
     out = torch.empty_like(x)
-    _fake_quantize_backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+    launch(_fake_quantize_backward_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
         grad_out, x, out, scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, x),
         x.numel(), g.n_groups, g.inner, SIGNED=signed, MODE=GRADS.index(grad),
         FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
@@ -168,7 +212,7 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
     y = torch.empty_like(x)
     # float32 constants as the reference rounds them; no FMA contraction (enable_fp_fusion), so
     # the EMA updates round like the reference's separate products and sums.
-    _fake_quantize_tracked_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+    launch(_fake_quantize_tracked_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
         x, y, scale.reshape(-1).float().contiguous(), last_int, last_dir,
         frozen.view(torch.uint8), osc_freq, int_ema, freeze_threshold, x.numel(), g.n_groups,
         g.inner, float(L), float(lo), float(hi), _f32(momentum), _f32(1.0 - momentum),
@@ -184,7 +228,7 @@ def _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen):
     w = w.contiguous()
     out = (torch.empty(w.shape, dtype=torch.float32, device=w.device) if grad is None
            else torch.empty_like(w))
-    _dampening_kernel[(triton.cdiv(w.numel(), _BLOCK),)](
+    launch(_dampening_kernel, (triton.cdiv(w.numel(), _BLOCK),), w,
         w, w if grad is None else grad.float().contiguous(), out,
         scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, w), w.numel(), g.n_groups,
         g.inner, float(L), float(lo), float(hi), BACKWARD=grad is not None,

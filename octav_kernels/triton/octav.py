@@ -1,20 +1,40 @@
 """Triton kernels for the OCTAV statistics and fixed point (SPEC §2).
 
-One program per group. ``_group_pass`` reads the group once and returns
-``(S_out, n_in, n_out, max a)`` together; ``_octav_scale_kernel`` repeats it until the group
-converges, keeping the iterate on-chip, so an op is one launch and never syncs with the host.
-Sums accumulate in float64, counts in int64. Element ``j`` of group ``c`` is
-``x[j // inner, c, j % inner]`` of the contiguous ``[outer, n_groups, inner]`` view.
+A pass over a group is a loop over its blocks of ``BLOCK`` elements in order: ``_block_stats``
+gives a block's ``(S_out, n_in, n_out, max a)`` (the sum in float64, counts in int64) and the
+pass adds them block after block. Element ``j`` of group ``c`` is ``x[j // inner, c, j % inner]``
+of the contiguous ``[outer, n_groups, inner]`` view.
+
+Two launch shapes, the same sums bit for bit:
+
+- groups below ``MULTI_MIN`` elements: one program per group. ``_octav_scale_kernel`` repeats the
+  pass until the group converges, keeping the iterate on-chip: one launch, no host sync.
+- larger groups (a whole large tensor): a pass is spread over one program per block
+  (``_blocks_kernel`` writes each block's statistics), then ``_finish_kernel`` adds them per
+  group in block order, as the one-program pass does, and takes the iteration's step. The
+  iteration is ``max_iters + 1`` such pairs of launches; a group that has stopped skips its
+  share, so there is still no host sync.
+
+The OCTAV constant and ``rtol`` are read from a float64 device tensor: compiled Triton passes
+Python floats as float32, which would round ``1 / (12 L**2)`` before the float64 update (the
+interpreter keeps them float64, so the CPU tests could not tell). The update runs without FMA
+contraction (``enable_fp_fusion=False``), as in the reference.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .._args import groups, octav_constant
-from ._common import block_size, check_dtype
+from ._common import block_size, check_dtype, launch
+from .fake_quant import fake_quantize, fake_quantize_packed
+
+MULTI_MIN = 1 << 20  # elements of a group from which a pass is spread over many programs
+_BLOCK = 1024  # block of the one-program pass of groups that large (block_size's largest)
 
 
 @triton.jit
@@ -26,41 +46,64 @@ def _magnitude(v, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED: tl.constexpr,
-                BLOCK: tl.constexpr):
-    s_out = tl.zeros((), tl.float64)  # float64: magnitudes near float32's max must not overflow
-    n_in = tl.zeros((), tl.int64)
-    n_out = tl.zeros((), tl.int64)
-    a_max = tl.zeros((), tl.float32)
-    for start in range(0, group_len, BLOCK):
-        j = start + tl.arange(0, BLOCK).to(tl.int64)
-        valid = j < group_len
-        o = j // inner
-        ptr = x_ptr + (o * n_groups + c) * inner + (j - o * inner)
-        a = _magnitude(tl.load(ptr, mask=valid, other=0.0).to(tl.float32), SIGNED)
-        out = valid & ((a > s) | (a != a))
-        inside = valid & (a > 0) & (a <= s)
-        s_out += tl.sum(tl.where(out, a, 0.0).to(tl.float64), axis=0)
-        n_out += tl.sum(out.to(tl.int64), axis=0)
-        n_in += tl.sum(inside.to(tl.int64), axis=0)
-        a_max = tl.maximum(a_max, tl.max(tl.where(valid & (a > 0), a, 0.0), axis=0))
+def _block_stats(x_ptr, c, n_groups, inner, group_len, b, s, SIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # Statistics of block b (int64) of group c at threshold s.
+    j = b * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = j < group_len
+    o = j // inner
+    ptr = x_ptr + (o * n_groups + c) * inner + (j - o * inner)
+    a = _magnitude(tl.load(ptr, mask=valid, other=0.0).to(tl.float32), SIGNED)
+    out = valid & ((a > s) | (a != a))
+    inside = valid & (a > 0) & (a <= s)
+    # float64: magnitudes near float32's max must not overflow
+    s_out = tl.sum(tl.where(out, a, 0.0).to(tl.float64), axis=0)
+    n_out = tl.sum(out.to(tl.int64), axis=0)
+    n_in = tl.sum(inside.to(tl.int64), axis=0)
+    a_max = tl.max(tl.where(valid & (a > 0), a, 0.0), axis=0)
     return s_out, n_in, n_out, a_max
 
 
 @triton.jit
-def _next_scale(x_ptr, c, n_groups, inner, group_len, s, octav_const, SIGNED: tl.constexpr,
+def _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED: tl.constexpr,
                 BLOCK: tl.constexpr):
+    s_out = tl.zeros((), tl.float64)
+    n_in = tl.zeros((), tl.int64)
+    n_out = tl.zeros((), tl.int64)
+    a_max = tl.zeros((), tl.float32)
+    # A 64-bit block counter: an int32 element index would wrap for groups near 2**31.
+    n_blocks = (group_len.to(tl.int64) + (BLOCK - 1)) // BLOCK
+    for b in range(0, n_blocks):
+        bs, bi, bo, bm = _block_stats(x_ptr, c, n_groups, inner, group_len, b, s, SIGNED, BLOCK)
+        s_out += bs
+        n_in += bi
+        n_out += bo
+        a_max = tl.maximum(a_max, bm)
+    return s_out, n_in, n_out, a_max
+
+
+@triton.jit
+def _next(s_out, n_in, n_out, a_max, octav_const):
     # s_next = S_out / (c n_in + n_out), or max a when nothing lies above s.
-    s_out, n_in, n_out, a_max = _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED, BLOCK)
     den = octav_const * n_in.to(tl.float64) + n_out.to(tl.float64)
     den = tl.where(n_out == 0, 1.0, den)
     return tl.where(n_out == 0, a_max, (s_out / den).to(tl.float32))
 
 
 @triton.jit
+def _step(s, prev, nxt, rtol):
+    # The SPEC §2 stopping rules: (the next iterate, whether the iteration ends).
+    converged = (nxt == s) | (tl.abs(nxt.to(tl.float64) - s.to(tl.float64)) <= rtol * s) | (
+        nxt != nxt)
+    cycle = (nxt == prev) & (not converged)  # 2-cycle: keep the smaller of the two
+    stop = converged | cycle
+    return tl.where(cycle, tl.minimum(s, nxt), nxt), stop
+
+
+@triton.jit
 def _masked_sums_kernel(x_ptr, scale_ptr, s_out_ptr, n_in_ptr, n_out_ptr, n_groups, inner,
                         group_len, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)
     s = tl.load(scale_ptr + c)
     s_out, n_in, n_out, _ = _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED, BLOCK)
     tl.store(s_out_ptr + c, s_out.to(tl.float32))
@@ -69,40 +112,147 @@ def _masked_sums_kernel(x_ptr, scale_ptr, s_out_ptr, n_in_ptr, n_out_ptr, n_grou
 
 
 @triton.jit
-def _octav_scale_kernel(x_ptr, init_ptr, out_ptr, n_groups, inner, group_len, octav_const,
-                        max_iters, rtol, HAS_INIT: tl.constexpr, SIGNED: tl.constexpr,
+def _octav_scale_kernel(x_ptr, init_ptr, out_ptr, consts_ptr, n_groups, inner, group_len,
+                        max_iters, HAS_INIT: tl.constexpr, SIGNED: tl.constexpr,
                         BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)
+    octav_const = tl.load(consts_ptr)
+    rtol = tl.load(consts_ptr + 1)
     s = tl.zeros((), tl.float32)
     if HAS_INIT:
         s = tl.load(init_ptr + c)
     if not s > 0:  # cold start (also for NaN or non-positive init): the mean of the nonzero a
-        s = _next_scale(x_ptr, c, n_groups, inner, group_len, 0.0, octav_const, SIGNED, BLOCK)
+        s_out, n_in, n_out, a_max = _group_pass(x_ptr, c, n_groups, inner, group_len, 0.0,
+                                                SIGNED, BLOCK)
+        s = _next(s_out, n_in, n_out, a_max, octav_const)
     prev = tl.full((), float("nan"), tl.float32)
     done = tl.zeros((), tl.int1)
     it = tl.zeros((), tl.int32)  # a tensor from the start: loop-carried types must not change
     while (it < max_iters) & (not done):
-        nxt = _next_scale(x_ptr, c, n_groups, inner, group_len, s, octav_const, SIGNED, BLOCK)
-        converged = (nxt == s) | (tl.abs(nxt - s) <= rtol * s) | (nxt != nxt)
-        cycle = (nxt == prev) & (not converged)  # 2-cycle: keep the smaller of the two
+        s_out, n_in, n_out, a_max = _group_pass(x_ptr, c, n_groups, inner, group_len, s, SIGNED,
+                                                BLOCK)
+        new, done = _step(s, prev, _next(s_out, n_in, n_out, a_max, octav_const), rtol)
         prev = s
-        s = tl.where(cycle, tl.minimum(s, nxt), nxt)
-        done = converged | cycle
+        s = new
         it += 1
     tl.store(out_ptr + c, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups of MULTI_MIN elements and more: a pass over many programs, a finish per group. The
+# per-group state is s, prev (float32), the iterations done and a flags word
+# (bit 0: started, i.e. s is an iterate; bit 1: done).
+
+
+@triton.jit
+def _blocks_kernel(x_ptr, s_ptr, state_ptr, part_s_ptr, part_n_ptr, part_m_ptr, n_groups, inner,
+                   group_len, n_blocks, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // n_blocks
+    b = pid - c * n_blocks
+    flags = tl.load(state_ptr + c)
+    if (flags & 2) == 0:  # not done
+        s = tl.where((flags & 1) != 0, tl.load(s_ptr + c), 0.0)  # a cold start passes at 0
+        bs, bi, bo, bm = _block_stats(x_ptr, c, n_groups, inner, group_len, b, s, SIGNED, BLOCK)
+        tl.store(part_s_ptr + pid, bs)
+        tl.store(part_n_ptr + 2 * pid, bi)
+        tl.store(part_n_ptr + 2 * pid + 1, bo)
+        tl.store(part_m_ptr + pid, bm)
+
+
+@triton.jit
+def _sum_blocks(part_s_ptr, part_n_ptr, part_m_ptr, c, n_blocks, CHUNK: tl.constexpr):
+    # Group c's statistics from its blocks': the float64 sum added block after block (the
+    # one-program pass's order), the counts and the max in chunks (exact in any order).
+    s_out = tl.zeros((), tl.float64)
+    n_in = tl.zeros((), tl.int64)
+    n_out = tl.zeros((), tl.int64)
+    a_max = tl.zeros((), tl.float32)
+    first = c * n_blocks
+    for b in range(0, n_blocks):
+        s_out += tl.load(part_s_ptr + first + b)
+    for k in range(0, (n_blocks + (CHUNK - 1)) // CHUNK):
+        i = k * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+        valid = i < n_blocks
+        n_in += tl.sum(tl.load(part_n_ptr + 2 * (first + i), mask=valid, other=0), axis=0)
+        n_out += tl.sum(tl.load(part_n_ptr + 2 * (first + i) + 1, mask=valid, other=0), axis=0)
+        a_max = tl.maximum(a_max, tl.max(tl.load(part_m_ptr + first + i, mask=valid, other=0.0),
+                                         axis=0))
+    return s_out, n_in, n_out, a_max
+
+
+@triton.jit
+def _finish_kernel(s_ptr, prev_ptr, iters_ptr, state_ptr, consts_ptr, part_s_ptr, part_n_ptr,
+                   part_m_ptr, n_blocks, max_iters, CHUNK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    flags = tl.load(state_ptr + c)
+    if (flags & 2) == 0:
+        s_out, n_in, n_out, a_max = _sum_blocks(part_s_ptr, part_n_ptr, part_m_ptr, c, n_blocks,
+                                                CHUNK)
+        nxt = _next(s_out, n_in, n_out, a_max, tl.load(consts_ptr))
+        if (flags & 1) == 0:  # the cold start
+            tl.store(s_ptr + c, nxt)
+            tl.store(state_ptr + c, tl.where(max_iters == 0, 3, 1))
+        else:
+            s = tl.load(s_ptr + c)
+            new, stop = _step(s, tl.load(prev_ptr + c), nxt, tl.load(consts_ptr + 1))
+            it = tl.load(iters_ptr + c) + 1
+            tl.store(prev_ptr + c, s)
+            tl.store(s_ptr + c, new)
+            tl.store(iters_ptr + c, it)
+            tl.store(state_ptr + c, tl.where(stop | (it >= max_iters), 3, 1))
+
+
+@triton.jit
+def _sums_finish_kernel(part_s_ptr, part_n_ptr, part_m_ptr, s_out_ptr, n_in_ptr, n_out_ptr,
+                        n_blocks, CHUNK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    s_out, n_in, n_out, _ = _sum_blocks(part_s_ptr, part_n_ptr, part_m_ptr, c, n_blocks, CHUNK)
+    tl.store(s_out_ptr + c, s_out.to(tl.float32))
+    tl.store(n_in_ptr + c, n_in)
+    tl.store(n_out_ptr + c, n_out)
+
+
+class _Partials:
+    """Per-block statistics of the multi-program passes of n_groups groups."""
+
+    def __init__(self, n_groups, group_len, device):
+        self.n_blocks = triton.cdiv(group_len, _BLOCK)
+        count = n_groups * self.n_blocks
+        self.s = torch.empty(count, dtype=torch.float64, device=device)
+        self.n = torch.empty(2 * count, dtype=torch.int64, device=device)
+        self.m = torch.empty(count, dtype=torch.float32, device=device)
+
+    def pass_(self, x, g, s, state, signed):
+        launch(_blocks_kernel, (g.n_groups * self.n_blocks,), x, x, s, state, self.s, self.n,
+               self.m, g.n_groups, g.inner, g.outer * g.inner, self.n_blocks, SIGNED=signed,
+               BLOCK=_BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(device: torch.device, octav_const: float, rtol: float) -> torch.Tensor:
+    """(octav_const, rtol) as a float64 tensor on ``device`` (made once per value)."""
+    return torch.tensor([octav_const, rtol], dtype=torch.float64, device=device)
 
 
 def masked_sums(x, scale, signed=True, dim=None, group_size=None):
     check_dtype(x)
     g = groups(x, dim, group_size)
     x = x.contiguous()
+    scale = scale.reshape(-1).float().contiguous()
     s_out = torch.empty(g.n_groups, dtype=torch.float32, device=x.device)
     n_in = torch.empty(g.n_groups, dtype=torch.int64, device=x.device)
     n_out = torch.empty_like(n_in)
     group_len = g.outer * g.inner
-    _masked_sums_kernel[(g.n_groups,)](
-        x, scale.reshape(-1).float().contiguous(), s_out, n_in, n_out, g.n_groups, g.inner,
-        group_len, SIGNED=signed, BLOCK=block_size(group_len))
+    if group_len >= MULTI_MIN:
+        parts = _Partials(g.n_groups, group_len, x.device)
+        started = torch.ones(g.n_groups, dtype=torch.int32, device=x.device)  # pass at scale
+        parts.pass_(x, g, scale, started, signed)
+        launch(_sums_finish_kernel, (g.n_groups,), x, parts.s, parts.n, parts.m, s_out, n_in,
+               n_out, parts.n_blocks, CHUNK=1024)
+    else:
+        launch(_masked_sums_kernel, (g.n_groups,), x, x, scale, s_out, n_in, n_out, g.n_groups,
+               g.inner, group_len, SIGNED=signed, BLOCK=block_size(group_len))
     shape = g.scale_shape
     return s_out.reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
 
@@ -112,10 +262,47 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     check_dtype(x)
     g = groups(x, dim, group_size)
     x = x.contiguous()
+    consts = _constants(x.device, octav_constant(bits, signed, narrow), float(rtol))
     out = torch.empty(g.n_groups, dtype=torch.float32, device=x.device)
-    init_flat = out if init is None else init.reshape(-1).float().contiguous()
+    init_flat = None if init is None else init.reshape(-1).float().contiguous()
     group_len = g.outer * g.inner
-    _octav_scale_kernel[(g.n_groups,)](
-        x, init_flat, out, g.n_groups, g.inner, group_len, octav_constant(bits, signed, narrow),
-        max_iters, rtol, HAS_INIT=init is not None, SIGNED=signed, BLOCK=block_size(group_len))
+    if group_len >= MULTI_MIN:
+        return _octav_scale_multi(x, g, init_flat, consts, max_iters, signed).reshape(
+            g.scale_shape)
+    launch(_octav_scale_kernel, (g.n_groups,), x, x, out if init_flat is None else init_flat,
+           out, consts, g.n_groups, g.inner, group_len, max_iters, HAS_INIT=init is not None,
+           SIGNED=signed, BLOCK=block_size(group_len), enable_fp_fusion=False)
     return out.reshape(g.scale_shape)
+
+
+def _octav_scale_multi(x, g, init, consts, max_iters, signed):
+    """octav_scale of large groups: max_iters + 1 (pass, finish) pairs; groups that have
+    stopped skip theirs."""
+    device = x.device
+    s = torch.zeros(g.n_groups, dtype=torch.float32, device=device)
+    if init is not None:
+        s = torch.where(init > 0, init, s)  # (NaN and non-positive inits start cold)
+    state = (s > 0).to(torch.int32)
+    if max_iters == 0:
+        state = state * 3  # warm groups are done; cold ones take their start
+    prev = torch.full_like(s, float("nan"))
+    iters = torch.zeros(g.n_groups, dtype=torch.int32, device=device)
+    parts = _Partials(g.n_groups, g.outer * g.inner, device)
+    for _ in range(max_iters + 1):
+        parts.pass_(x, g, s, state, signed)
+        launch(_finish_kernel, (g.n_groups,), x, s, prev, iters, state, consts, parts.s,
+               parts.n, parts.m, parts.n_blocks, max_iters, CHUNK=1024, enable_fp_fusion=False)
+    return s
+
+
+def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
+                        narrow=False):
+    scale = octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
+    return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
+
+
+def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, init=None,
+                               narrow=False):
+    scale = octav_scale(x, bits, signed, dim, group_size, init, narrow=narrow)
+    y, mask = fake_quantize_packed(x, scale, bits, signed, dim, group_size, narrow)
+    return y, scale, mask

@@ -4,7 +4,8 @@ candidate scales per group (``octav_kernels.reference.candidate_sse``); the sear
 
 A program reads ``BLOCK`` elements of each of ``GROUPS`` groups (several short groups per program,
 one block of a long one) once and writes the float64 sums of ``(q(x; cand[g, k]) - x)**2`` for
-every k; the blocks' partials are added by a torch sum.
+every k; the blocks' partials are added by a torch sum. ``refine_scale`` runs the shared search
+(``octav_kernels.drivers``) over these passes.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import drivers
 from .._args import groups, kernel_layout, levels
-from ._common import block_size, check_dtype, quantize
+from ._common import block_size, check_dtype, launch, quantize
 
 _TILE = 4096  # elements a program reads: GROUPS * BLOCK
 
@@ -52,11 +53,11 @@ def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=
     K = cand.shape[1]
     partial = torch.empty((n_groups, n_blocks, K), dtype=torch.float64, device=x.device)
     L, lo, hi = levels(bits, signed, narrow)
-    _candidate_sse_kernel[(triton.cdiv(n_groups, tile) * n_blocks,)](
+    launch(_candidate_sse_kernel, (triton.cdiv(n_groups, tile) * n_blocks,), x,
         x, cand.float().contiguous(), partial, group_len, n_groups, inner, n_blocks, float(L),
         float(lo), float(hi), K=K, GROUPS=tile, BLOCK=block)
     return partial.sum(1)
 
 
 def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
-    return reference.refine_with(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)
+    return drivers.refine_scale(candidate_sse, x, scale, bits, signed, dim, group_size, narrow)

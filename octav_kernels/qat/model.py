@@ -1,11 +1,6 @@
 """Model-level QAT helpers: convert a model's layers to quantized ones and back, calibrate
-static scales (PTQ), and re-estimate BatchNorm statistics after QAT.
-
-The two-line QAT change to a training script::
-
-    model = octav_kernels.quantize_model(model, bits=4)   # after loading the float weights
-    ...                                                    # train as usual
-"""
+static scales (PTQ), re-estimate BatchNorm statistics after QAT, and check its quantizers for
+NaN/inf scales."""
 
 from __future__ import annotations
 
@@ -17,41 +12,39 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .calibrate import Calibrator
-from .nn import QUANTIZED, Quantizer, _QuantLayer
+from .config import QuantConfig
+from .layers import QUANTIZED, _QuantLayer
+from .quantizer import Quantizer
 
 # Layers kept in float by design (their parameters are not matmul operands): not "unsupported".
 FLOAT_BY_DESIGN = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                    nn.modules.instancenorm._InstanceNorm)
 
 
-def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | None = 8,
-                   act_bits: int | None = None, grad: str = "mph",
-                   weight_granularity: str | int = "channel", act_signed: bool | None = None,
-                   mode: str = "dynamic", weight_mode: str | None = None,
-                   calibrator: str | Calibrator = "octav", every: int = 1, narrow: bool = False,
-                   quantize_input: bool = True, skip: Iterable[str | type] = (),
-                   inplace: bool = False, strict: bool = False, process_group=None
-                   ) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int | None = None, *,
+                   config: QuantConfig | None = None, first_last_bits: int | None = 8,
+                   skip: Iterable[str | type] = (), inplace: bool = False, strict: bool = False,
+                   **fields) -> nn.Module:
     """Replace every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` by its quantized
     version (``QuantLinear`` / ``QuantConv1d`` / ``QuantConv2d``), keeping its Parameters
     (shared, so an existing optimizer keeps working), device and dtype.
 
     Args:
-        bits: weight and activation bits of every converted layer.
+        bits: weight and activation bits of every converted layer (``QuantConfig.bits``, 4 by
+            default).
+        config: a ``QuantConfig`` for every layer; its fields may also be given as keywords
+            (``act_bits``, ``grad``, ``weight_granularity``, ``act_signed``, ``mode``,
+            ``weight_mode``, ``calibrator``, ``every``, ``narrow``, ``quantize_input``,
+            ``process_group``), which replace the config's. ``process_group``, for
+            data-parallel (DDP) training, is the group (or ``"world"``) over which the
+            activation scales are computed, so every rank quantizes with the same scale from
+            the whole global batch (weights, replicated by DDP, need no collective).
         first_last_bits: bits of the first and the last convertible layer in registration
-            order (the paper keeps them at 8); ``None`` uses ``bits`` everywhere.
-        act_bits: activation bits of the inner layers if different from ``bits`` (the first
-            and last layer use ``first_last_bits`` for both).
-        grad, weight_granularity, act_signed, mode, weight_mode, calibrator, every, narrow,
-            quantize_input: passed to each layer (see ``QuantLinear``).
+            order (the paper keeps them at 8), for both weights and activations; ``None`` uses
+            the config's everywhere.
         skip: module names (a name also skips everything under it) or module types to leave
             in float.
         inplace: convert ``model`` itself instead of a deep copy.
-        process_group: for data-parallel (DDP) training, the group (or ``"world"``) over which
-            the activation scales are computed, so every rank quantizes with the same scale
-            from the whole global batch (see ``Quantizer``; weights, replicated by DDP, need
-            no collective).
         strict: raise ``ValueError`` instead of warning when a module with parameters has no
             quantized version (e.g. ``nn.Embedding``, ``nn.LSTM``, ``nn.MultiheadAttention``,
             ``nn.Conv3d``, subclasses of the supported layers). Normalization layers stay in
@@ -71,10 +64,11 @@ def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | No
     if type(model) in QUANTIZED:
         raise ValueError("model is itself a single layer; wrap it in a container "
                          "(e.g. nn.Sequential) to convert it")
-    config = dict(act_bits=act_bits, grad=grad, weight_granularity=weight_granularity,
-                  act_signed=act_signed, mode=mode, weight_mode=weight_mode,
-                  calibrator=calibrator, every=every, narrow=narrow,
-                  quantize_input=quantize_input, process_group=process_group)
+    if bits is not None:
+        fields["bits"] = bits
+    config = QuantConfig.of(config, **fields)
+    if first_last_bits is not None:
+        QuantConfig.of(config, bits=first_last_bits)  # checked before anything is converted
 
     convertible, unsupported = [], []
     skipped_prefixes: list[str] = []
@@ -102,13 +96,12 @@ def quantize_model(model: nn.Module, bits: int = 4, *, first_last_bits: int | No
 
     ends = {convertible[0], convertible[-1]} if convertible and first_last_bits else set()
     for name in convertible:
-        layer_bits = first_last_bits if name in ends else bits
-        layer_act_bits = act_bits if act_bits is not None and name not in ends else None
         parent, attr = _parent(model, name)
         float_layer = getattr(parent, attr)
+        layer_config = (QuantConfig.of(config, bits=first_last_bits, act_bits=None)
+                        if name in ends else config)
         try:
-            quant = QUANTIZED[type(float_layer)].from_float(
-                float_layer, bits=layer_bits, **{**config, "act_bits": layer_act_bits})
+            quant = QUANTIZED[type(float_layer)].from_float(float_layer, layer_config)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         setattr(parent, attr, quant)
@@ -214,6 +207,15 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, *, num_batches: in
         for m, flag in flags.items():
             m.training = flag
     return len(bns)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise now, naming the quantizer, if a scale computed on a GPU since the last check was
+    NaN or inf (``Quantizer.check_nonfinite``; one host sync per quantizer). Quantizers check
+    by themselves every ``Quantizer.check_every`` scale updates and in eval; call this where a
+    training loop syncs anyway (logging, checkpointing) to hear of it sooner."""
+    for _, q in quantizers(model):
+        q.check_nonfinite()
 
 
 def _run_batches(model, batches, num_batches, forward) -> int:

@@ -1,0 +1,260 @@
+// The octav ops' C++ entry points, written once for every device: each checks its arguments
+// (args.h: SPEC §6's TypeError / ValueError naming the argument), returns early on an empty
+// input, lays the tensor out as the kernels read it, and calls the device's kernels K
+// (cpu::Kernels, cuda::Kernels). The device files register ops<K> for their dispatch key, next
+// to their kernels (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu). The schemas are defined in
+// octav_kernels/ops/.
+//
+// K provides, for contiguous checked tensors in the [outer, n_groups, inner] view (Groups):
+//   fake_quantize(x, scale, g, levels, signed, mask*)    y (and the packed PWL mask)
+//   backward(grad, x, scale, g, signed, mode, frozen)    the estimator's grad_x
+//   pwl_backward_packed(grad, mask)
+//   tracked(x, scale, g, levels, state..., momentum, threshold, update)
+//   dampening(w, grad, scale, g, levels, frozen)         err (grad undefined) or grad_w
+//   masked_sums(x, scale, g, signed), octav_scale(x, init, g, signed, c, max_iters, rtol) and
+//   candidate_sse(x, cand, g, levels) on the reductions' layout (reduction_layout);
+//   fused(x, init, g, bits, signed, narrow, with_mask)   (y, scale, mask) at the default iteration
+#pragma once
+
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "args.h"
+
+namespace octav::ops {
+
+using OptInt = std::optional<int64_t>;
+using OptTensor = std::optional<at::Tensor>;
+
+inline at::Tensor empty_like_x(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
+
+inline at::Tensor empty_mask(const at::Tensor& x) {
+  return at::empty({(x.numel() + 31) / 32}, x.options().dtype(at::kInt));
+}
+
+// ------------------------------------------------------------------------------ fake-quant
+
+template <typename K>
+at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
+                         bool is_signed, OptInt dim, OptInt group_size, c10::string_view grad,
+                         bool narrow) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  check_grad(grad);
+  const at::Tensor s = check_scale(scale, x, g);
+  if (x.numel() == 0) return empty_like_x(x);
+  return K::fake_quantize(x.contiguous(), s, g, levels(bits, is_signed, narrow), is_signed,
+                          nullptr);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> fake_quantize_packed(const at::Tensor& x,
+                                                        const at::Tensor& scale, int64_t bits,
+                                                        bool is_signed, OptInt dim,
+                                                        OptInt group_size, bool narrow) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  const at::Tensor s = check_scale(scale, x, g);
+  if (x.numel() == 0) return {empty_like_x(x), empty_mask(x)};
+  at::Tensor mask;
+  at::Tensor y = K::fake_quantize(x.contiguous(), s, g, levels(bits, is_signed, narrow),
+                                  is_signed, &mask);
+  return {y, mask};
+}
+
+template <typename K>
+at::Tensor pwl_backward_packed(const at::Tensor& grad_out, const at::Tensor& mask) {
+  check_x(grad_out, "grad_out");
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kInt && mask.dim() == 1 &&
+                        mask.numel() == (grad_out.numel() + 31) / 32 &&
+                        mask.device() == grad_out.device(),
+                    "mask must be the int32 [(numel + 31) / 32] PWL mask of grad_out's tensor");
+  if (grad_out.numel() == 0) return empty_like_x(grad_out);
+  return K::pwl_backward_packed(grad_out.contiguous(), mask.contiguous());
+}
+
+template <typename K>
+at::Tensor fake_quantize_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& scale, bool is_signed, OptInt dim,
+                                  OptInt group_size, c10::string_view grad,
+                                  const OptTensor& frozen) {
+  check_x(x);
+  const Groups g = groups(x, dim, group_size);
+  const Grad mode = check_grad(grad);
+  const at::Tensor s = check_scale(scale, x, g);
+  check_x(grad_out, "grad_out");
+  check_matches(grad_out, x, "grad_out", "x");
+  const at::Tensor fr = check_frozen(frozen, x);
+  if (x.numel() == 0) return empty_like_x(x);
+  return K::backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s, g, is_signed,
+                     mode, fr);
+}
+
+// ------------------------------------------------------------------------------ oscillation
+
+template <typename K>
+at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
+                                 bool is_signed, OptInt dim, OptInt group_size, bool narrow,
+                                 at::Tensor& last_int, at::Tensor& last_dir, at::Tensor& frozen,
+                                 at::Tensor& osc_freq, at::Tensor& int_ema, double momentum,
+                                 const at::Tensor& freeze_threshold, bool update) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  const at::Tensor s = check_scale(scale, x, g);
+  check_tracked(x, bits, is_signed, last_int, last_dir, frozen, osc_freq, int_ema, momentum,
+                freeze_threshold);
+  if (x.numel() == 0) return empty_like_x(x);
+  return K::tracked(x.contiguous(), s, g, levels(bits, is_signed, narrow), last_int, last_dir,
+                    frozen, osc_freq, int_ema, momentum, freeze_threshold, update);
+}
+
+template <typename K>
+at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t bits,
+                           bool is_signed, OptInt dim, OptInt group_size, bool narrow,
+                           const OptTensor& frozen) {
+  const Groups g = check_common(w, bits, is_signed, dim, group_size, narrow);
+  const at::Tensor s = check_scale(scale, w, g);
+  const at::Tensor fr = check_frozen(frozen, w);
+  if (w.numel() == 0) return at::empty(w.sizes(), w.options().dtype(at::kFloat));
+  return K::dampening(w.contiguous(), at::Tensor(), s, g, levels(bits, is_signed, narrow), fr);
+}
+
+template <typename K>
+at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                              const at::Tensor& scale, int64_t bits, bool is_signed, OptInt dim,
+                              OptInt group_size, bool narrow, const OptTensor& frozen) {
+  const Groups g = check_common(w, bits, is_signed, dim, group_size, narrow);
+  const at::Tensor s = check_scale(scale, w, g);
+  const at::Tensor fr = check_frozen(frozen, w);
+  check_matches(grad, w, "grad", "w");
+  if (w.numel() == 0) return empty_like_x(w);
+  return K::dampening(w.contiguous(), grad.to(at::kFloat).contiguous(), s, g,
+                      levels(bits, is_signed, narrow), fr);
+}
+
+// ------------------------------------------------------------------------------ OCTAV
+
+inline Groups check_octav(const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim,
+                          OptInt group_size, const OptTensor& init, bool narrow,
+                          at::Tensor& init_flat) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  init_flat = check_init(init, x, g);
+  return g;
+}
+
+template <typename K>
+at::Tensor octav_scale(const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim,
+                       OptInt group_size, const OptTensor& init, int64_t max_iters, double rtol,
+                       bool narrow) {
+  at::Tensor init_flat;
+  const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
+  check_iteration(max_iters, rtol);
+  if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
+  const auto [xr, gr] = reduction_layout(x, g);
+  return K::octav_scale(xr, init_flat, gr, is_signed, octav_constant(bits, is_signed, narrow),
+                        max_iters, rtol)
+      .view(g.scale_shape);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
+                                                           const at::Tensor& scale,
+                                                           bool is_signed, OptInt dim,
+                                                           OptInt group_size) {
+  check_x(x);
+  const Groups g = groups(x, dim, group_size);
+  const at::Tensor s = check_scale(scale, x, g);
+  if (x.numel() == 0) {
+    auto zeros = zeros_like_scale(x, g, at::kLong);
+    return {zeros.to(at::kFloat), zeros, zeros.clone()};
+  }
+  const auto [xr, gr] = reduction_layout(x, g);
+  auto [s_out, n_in, n_out] = K::masked_sums(xr, s, gr, is_signed);
+  return {s_out.view(g.scale_shape), n_in.view(g.scale_shape), n_out.view(g.scale_shape)};
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> octav_fake_quantize(const at::Tensor& x, int64_t bits,
+                                                       bool is_signed, OptInt dim,
+                                                       OptInt group_size, c10::string_view grad,
+                                                       const OptTensor& init, bool narrow) {
+  at::Tensor init_flat;
+  const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
+  check_grad(grad);
+  if (x.numel() == 0) return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat)};
+  auto [y, scale, mask] = K::fused(x, init_flat, g, bits, is_signed, narrow, false);
+  return {y, scale.view(g.scale_shape)};
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize_packed(
+    const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim, OptInt group_size,
+    const OptTensor& init, bool narrow) {
+  at::Tensor init_flat;
+  const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
+  if (x.numel() == 0) {
+    return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat), empty_mask(x)};
+  }
+  auto [y, scale, mask] = K::fused(x, init_flat, g, bits, is_signed, narrow, true);
+  return {y, scale.view(g.scale_shape), mask};
+}
+
+// The fused op composed: the scale, then the fake-quant of the original layout with it.
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_fused(const at::Tensor& x,
+                                                             const at::Tensor& init,
+                                                             const Groups& g, int64_t bits,
+                                                             bool is_signed, bool narrow,
+                                                             bool with_mask) {
+  const auto [xr, gr] = reduction_layout(x, g);
+  const at::Tensor scale =
+      K::octav_scale(xr, init, gr, is_signed, octav_constant(bits, is_signed, narrow), 32, 1e-6);
+  at::Tensor mask = at::empty({0}, x.options().dtype(at::kInt));
+  at::Tensor y = K::fake_quantize(x.contiguous(), scale, g, levels(bits, is_signed, narrow),
+                                  is_signed, with_mask ? &mask : nullptr);
+  return {y, scale, mask};
+}
+
+// ------------------------------------------------------------------------------ refinement
+
+constexpr int64_t kMaxCandidates = 8;  // of one _candidate_sse pass, on every backend
+
+template <typename K>
+at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t bits,
+                         bool is_signed, OptInt dim, OptInt group_size, bool narrow) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  check_candidates(cand, x, g, kMaxCandidates);
+  if (x.numel() == 0) return at::zeros(cand.sizes(), cand.options().dtype(at::kDouble));
+  const auto [xr, gr] = reduction_layout(x, g);
+  return K::candidate_sse(xr, cand.to(at::kFloat).contiguous(), gr,
+                          levels(bits, is_signed, narrow));
+}
+
+// The whole refinement search (devices whose kernels run it: K::refine).
+template <typename K>
+at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
+                        bool is_signed, OptInt dim, OptInt group_size, bool narrow) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  const at::Tensor s = check_scale(scale, x, g);
+  if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
+  const auto [xr, gr] = reduction_layout(x, g);
+  return K::refine(xr, s, gr, levels(bits, is_signed, narrow), is_signed).view(g.scale_shape);
+}
+
+// Registers the ops every device implements with K's kernels (refine_scale: see ops.cpp).
+template <typename K>
+void register_ops(torch::Library& m) {
+  m.impl("fake_quantize", &fake_quantize<K>);
+  m.impl("_fake_quantize_packed", &fake_quantize_packed<K>);
+  m.impl("_pwl_backward_packed", &pwl_backward_packed<K>);
+  m.impl("fake_quantize_backward", &fake_quantize_backward<K>);
+  m.impl("fake_quantize_tracked", &fake_quantize_tracked<K>);
+  m.impl("dampening_error", &dampening_error<K>);
+  m.impl("dampening_backward", &dampening_backward<K>);
+  m.impl("octav_scale", &octav_scale<K>);
+  m.impl("masked_sums", &masked_sums<K>);
+  m.impl("octav_fake_quantize", &octav_fake_quantize<K>);
+  m.impl("_octav_fake_quantize_packed", &octav_fake_quantize_packed<K>);
+  m.impl("_candidate_sse", &candidate_sse<K>);
+}
+
+}  // namespace octav::ops

@@ -1,0 +1,127 @@
+"""The QAT knobs of a quantized layer, with their defaults, in one place: ``QuantConfig``.
+
+``quantize_model``, the quantized layers (``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``) and
+their ``from_float`` take a ``QuantConfig`` or its fields as keywords; the config builds each
+layer's weight and input quantizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _args
+from ..calibrate import Calibrator, make_calibrator
+from .quantizer import MODES, QuantAct, Quantizer, choice
+
+ESTIMATORS = ("mph", "mad", "pwl", "ste")
+
+
+def estimators(grad: str) -> tuple[str, str]:
+    """``(weight estimator, activation estimator)`` of a layer-level ``grad`` setting:
+    ``mph`` (the paper's recommendation) -> (mad, pwl); otherwise the same one for both."""
+    grad = choice(grad, ESTIMATORS, "grad")
+    return ("mad", "pwl") if grad == "mph" else (grad, grad)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a layer is quantized (``quantize_model`` and the quantized layers).
+
+    Attributes:
+        bits: weight bits, and activation bits unless ``act_bits``.
+        act_bits: input (activation) bits if different from ``bits``.
+        grad: ``"mph"`` (MAD weights, PWL activations; default), ``"mad"``, ``"pwl"``, ``"ste"``.
+        weight_granularity: ``"channel"`` (per output channel, default), ``"tensor"`` or a block
+            size G (blocks of G over each output channel's flattened elements).
+        act_signed: input grid; ``None`` decides from the data (unsigned after a ReLU).
+        mode: ``"dynamic"`` or ``"static"`` scales (``Quantizer``); ``weight_mode`` overrides it
+            for weights.
+        calibrator: the scale rule (``Quantizer``): ``"octav"``, ``"octav:refine"``, ``"max"``,
+            ``"percentile[:p]"``, ``"mse[:points]"`` or a ``Calibrator``.
+        every: in dynamic training, recompute scales every ``every`` forwards.
+        narrow: symmetric signed levels ``±(2**(B-1)-1)`` (weights, and signed inputs).
+        quantize_input: set False to leave the input in float.
+        process_group: data-parallel group (or ``"world"``) of the input quantizer
+            (``Quantizer``); weights are replicated by DDP and need none.
+    """
+
+    bits: int = 4
+    act_bits: int | None = None
+    grad: str = "mph"
+    weight_granularity: str | int = "channel"
+    act_signed: bool | None = None
+    mode: str = "dynamic"
+    weight_mode: str | None = None
+    calibrator: str | Calibrator = "octav"
+    every: int = 1
+    narrow: bool = False
+    quantize_input: bool = True
+    process_group: Any = None
+
+    def __post_init__(self):
+        _args.check_bits(self.bits)
+        if self.act_bits is not None:
+            _args.check_bits(self.act_bits)
+        estimators(self.grad)
+        choice(self.mode, MODES, "mode")
+        if self.weight_mode is not None:
+            choice(self.weight_mode, MODES, "weight_mode")
+        if self.act_signed is not None and not isinstance(self.act_signed, bool):
+            raise TypeError(f"act_signed must be a bool or None, got "
+                            f"{type(self.act_signed).__name__}")
+        make_calibrator(self.calibrator)
+        if _args.check_int(self.every, "every") < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        for name in ("narrow", "quantize_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got "
+                                f"{type(getattr(self, name)).__name__}")
+
+    @classmethod
+    def of(cls, config: QuantConfig | None = None, **fields) -> QuantConfig:
+        """``config`` (default: the defaults) with ``fields`` replaced; an unknown field is a
+        ``TypeError`` naming it."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unexpected quantization arguments: {sorted(unknown)}")
+        if config is not None and not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        return dataclasses.replace(config or cls(), **fields)
+
+    def weight_quantizer(self, weight_shape) -> Quantizer:
+        """The quantizer of a weight of ``weight_shape`` (signed; computes its scale from the
+        weight itself in eval if it has none)."""
+        dim, group_size = weight_granularity(self.weight_granularity, weight_shape)
+        return Quantizer(self.bits, signed=True, dim=dim, group_size=group_size,
+                         grad=estimators(self.grad)[0], mode=self.weight_mode or self.mode,
+                         calibrator=self.calibrator, every=self.every, narrow=self.narrow,
+                         init_from_input=True)
+
+    def input_quantizer(self) -> QuantAct | None:
+        """The quantizer of the layer's input, or None with ``quantize_input=False``."""
+        if not self.quantize_input:
+            return None
+        return QuantAct(self.act_bits or self.bits, signed=self.act_signed,
+                        grad=estimators(self.grad)[1], mode=self.mode,
+                        calibrator=self.calibrator, every=self.every,
+                        narrow=self.narrow and self.act_signed is True,
+                        process_group=self.process_group)
+
+
+def weight_granularity(spec, shape) -> tuple[int | None, int | None]:
+    """``(dim, group_size)`` for ``"channel"`` (dim 0), ``"tensor"`` or a block size."""
+    if spec == "channel":
+        return 0, None
+    if spec == "tensor":
+        return None, None
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+        row = math.prod(shape[1:])
+        if row % spec:
+            raise ValueError(f"weight_granularity={spec} must divide the {row} elements per "
+                             f"output channel of a weight of shape {list(shape)}")
+        return None, spec
+    raise ValueError("weight_granularity must be 'channel', 'tensor' or a positive block "
+                     f"size, got {spec!r}")

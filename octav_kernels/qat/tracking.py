@@ -1,0 +1,117 @@
+"""Per-weight oscillation tracking and freezing of a ``Quantizer`` (Nagel et al., ICML 2022):
+the state buffers and what reads or writes them. ``Quantizer`` inherits it;
+``octav_kernels.qat.oscillation.OscillationControl`` turns it on and drives its schedules."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _args, reference
+from ..ops.oscillation import OscillationState, dampening_loss, fake_quantize_tracked
+
+# Oscillation tracking state (OscillationState), buffer name: dtype.
+OSC_BUFFERS = {"osc_last_int": torch.int8, "osc_last_dir": torch.int8, "osc_frozen": torch.bool,
+               "osc_freq": torch.float32, "osc_int_ema": torch.float32}
+
+
+class OscillationTracking:
+    """Oscillation tracking for a quantizer (a ``torch.nn.Module`` with ``bits``, ``signed``,
+    ``dim``, ``group_size``, ``narrow``, ``grad``, ``name`` and a ``scale`` buffer). Off until
+    ``track_oscillations()``; the state lives in the buffers ``osc_last_int``, ``osc_last_dir``,
+    ``osc_frozen``, ``osc_freq`` and ``osc_int_ema`` (saved in ``state_dict``)."""
+
+    momentum: float | None = None  # None: tracking off
+
+    @property
+    def tracking(self) -> bool:
+        """Whether oscillation tracking is on (``track_oscillations``)."""
+        return self.momentum is not None
+
+    def track_oscillations(self, momentum: float = 0.01) -> None:
+        """Track this quantizer's oscillations from its next training forward (momentum of the
+        frequency and level EMAs); ``freeze_threshold`` > 0 freezes weights above it. The
+        state starts at the first forward, from that input's levels."""
+        if self.signed is None:
+            raise ValueError(f"{self.name}: oscillation tracking needs a fixed grid type "
+                             "(signed=True or False), got signed=None")
+        _args.check_tracked_bits(self.bits, self.signed)
+        self.momentum = _args.check_momentum(momentum)
+        if "osc_last_int" not in self._buffers:
+            device = self.scale.device
+            for name, dtype in OSC_BUFFERS.items():
+                self.register_buffer(name, torch.empty(0, dtype=dtype, device=device))
+            # Set by the schedule every step (OscillationControl); not part of the state.
+            self.register_buffer("osc_threshold", torch.zeros((), device=device),
+                                 persistent=False)
+
+    @property
+    def freeze_threshold(self) -> float:
+        """The oscillation frequency above which a weight freezes (0: freezing off); stored
+        as a tensor, so a schedule that changes it does not recompile a compiled model."""
+        return float(self.osc_threshold) if self.tracking else 0.0
+
+    @freeze_threshold.setter
+    def freeze_threshold(self, value: float) -> None:
+        if not self.tracking:
+            raise RuntimeError(f"{self.name}: call track_oscillations() before setting "
+                               "freeze_threshold")
+        with torch.no_grad():
+            self.osc_threshold.fill_(_args.check_threshold(value, "freeze_threshold"))
+
+    def _oscillation_state(self, x, scale) -> OscillationState:
+        if self.osc_last_int.shape != x.shape:
+            if self.osc_last_int.numel() > 0:
+                raise ValueError(f"{self.name}: oscillation state of shape "
+                                 f"{list(self.osc_last_int.shape)} does not match the input "
+                                 f"{list(x.shape)}")
+            start = OscillationState.start(x, scale, self.bits, signed=self.signed, dim=self.dim,
+                                           group_size=self.group_size, narrow=self.narrow)
+            for name, tensor in zip(OSC_BUFFERS, start.tensors()):
+                setattr(self, name, tensor)
+        return OscillationState(*(getattr(self, name) for name in OSC_BUFFERS))
+
+    def _fake_quantize_tracked(self, x, scale):
+        return fake_quantize_tracked(
+            x, scale, self.bits, self._oscillation_state(x, scale), signed=self.signed,
+            dim=self.dim, group_size=self.group_size, grad=self.grad, narrow=self.narrow,
+            momentum=self.momentum, freeze_threshold=self.osc_threshold, update=self.training)
+
+    def frozen_fraction(self) -> float:
+        """Fraction of the tracked elements that are frozen (0 before tracking starts)."""
+        if not self.tracking or self.osc_frozen.numel() == 0:
+            return 0.0
+        return float(self.osc_frozen.float().mean())
+
+    def oscillating_fraction(self, threshold: float = 0.01) -> float:
+        """Fraction of the tracked elements that are not frozen and whose oscillation frequency
+        EMA exceeds ``threshold`` (a frozen element keeps the frequency it froze at)."""
+        if not self.tracking or self.osc_freq.numel() == 0:
+            return 0.0
+        return float(((self.osc_freq > threshold) & ~self.osc_frozen).float().mean())
+
+    def write_frozen(self, w: torch.Tensor) -> int:
+        """Set the frozen elements of ``w`` (this quantizer's input, e.g. the layer's weight
+        viewed as it quantizes it) to their kept level on the current grid, in place; returns
+        how many were set."""
+        if not self.tracking or self.osc_frozen.shape != w.shape:
+            return 0
+        L = _args.levels(self.bits, bool(self.signed), self.narrow)[0]
+        with torch.no_grad():
+            step = reference.grid_step(self.scale, w, self.dim, self.group_size, L)
+            w.copy_(torch.where(self.osc_frozen, (self.osc_last_int.float() * step).to(w.dtype),
+                                w))
+        return int(self.osc_frozen.sum())
+
+    def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``dampening_loss`` of ``w`` (this quantizer's input, e.g. the layer's weight) at the
+        kept scale, frozen elements left out."""
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: no scale yet; the dampening loss needs one "
+                               "(run a training forward first)")
+        # Copies: the next training forward updates the scale and the frozen set in place, and
+        # this loss's backward must still see the ones it was computed with.
+        frozen = (self.osc_frozen.clone()
+                  if self.tracking and self.osc_frozen.shape == w.shape else None)
+        return dampening_loss(w, self.scale.clone(), self.bits, signed=bool(self.signed),
+                              dim=self.dim, group_size=self.group_size, narrow=self.narrow,
+                              reduction=reduction, frozen=frozen)

@@ -1,0 +1,145 @@
+"""What the GPU code decides on the host, checked on any machine: the CUDA OCTAV solver's path
+from a device's shared-memory budget (csrc/cuda/solver_path.h), the routing of GPUs the build
+has no kernel image for (octav_kernels.backend), that every Triton launch runs on its tensor's
+GPU, and the Triton multi-program pass of large groups (interpreted here), bit for bit the
+one-program pass. The GPU runs of these paths are in test_cuda.py and the parity matrix."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_bitwise, assert_scale_close, make_data, reference_scale
+
+import octav_kernels as ok
+from octav_kernels import backend, use_backend
+
+NEEDS_C = pytest.mark.skipif(not backend.available("cpu", torch.device("cpu")),
+                             reason="octav_kernels._C not built")
+NEEDS_TRITON = pytest.mark.skipif(not backend.available("triton", torch.device("cpu")),
+                                  reason="triton not installed or TRITON_INTERPRET unset")
+
+# cudaDeviceProp::sharedMemPerBlockOptin of three architectures, and the block-per-group
+# kernel's static shared memory (32 Totals of 32 bytes: its reduction scratch).
+OPTIN = {"sm_86": 101_376, "sm_80": 166_912, "sm_90": 232_448}
+STATIC = 1024
+
+
+@NEEDS_C
+def test_smem_budget_is_the_opt_in_limit_less_static_memory():
+    budget = backend.compiled().cuda_smem_budget
+    assert budget(OPTIN["sm_86"], STATIC) == 100_352
+    assert budget(OPTIN["sm_90"], STATIC) == 231_424
+    assert budget(512, STATIC) == 0
+
+
+@NEEDS_C
+@pytest.mark.parametrize("case,sm_86,sm_90", [
+    # octav_scale(torch.randn(30_000, device="cuda"), 4): 120 KB, over an sm_86 block's budget
+    ((1, 30_000, 4), "whole-tensor", "block-per-group"),
+    # a [64, 30000] weight per channel
+    ((64, 30_000, 4), "block-per-group-global", "block-per-group"),
+    # float16 groups of 55K-80K elements (50K, 100 KB, still fits sm_86's 98 KiB + 1 KiB)
+    ((16, 50_000, 2), "block-per-group", "block-per-group"),
+    ((16, 60_000, 2), "block-per-group-global", "block-per-group"),
+    ((16, 80_000, 2), "block-per-group-global", "block-per-group"),
+    ((1, 120_000, 2), "whole-tensor", "whole-tensor"),
+    # short groups: a warp each, whatever the device
+    ((4096, 1024, 4), "warp-per-group", "warp-per-group"),
+    ((4096, 1025, 4), "block-per-group", "block-per-group"),
+    # exactly the budget still fits a block
+    ((3, 100_352 // 4, 4), "block-per-group", "block-per-group"),
+    ((3, 100_352 // 4 + 1, 4), "block-per-group-global", "block-per-group"),
+])
+def test_solver_path_fits_the_device(case, sm_86, sm_90):
+    """The path solve() and the fused op take, from the device's budget: the sizes that made
+    the old fixed 160 KiB request fail on sm_86 / sm_89 GPUs."""
+    lib = backend.compiled()
+    for arch, expected in (("sm_86", sm_86), ("sm_90", sm_90)):
+        assert lib.cuda_solver_path(*case, lib.cuda_smem_budget(OPTIN[arch], STATIC)) == expected
+
+
+def test_gpu_plan_and_route():
+    """GPUs without a kernel image are routed to the fallback kernels, the others keep the
+    C++ ones (decided once, at CUDA initialization)."""
+    assert backend.gpu_plan(3, lambda i: i != 1) == {1}
+    assert backend.gpu_plan(2, lambda i: True) == set()
+    calls = []
+    kernel = backend.route(lambda *a: calls.append("cpp") or "cpp",
+                           lambda *a: calls.append("python") or "python", {-1})
+    # CPU tensors report device -1: routed as an unsupported GPU would be
+    assert kernel(torch.ones(2), 4, None) == "python"
+    kernel = backend.route(lambda *a: "cpp", lambda *a: "python", {0})
+    assert kernel(3, torch.ones(2)) == "cpp"
+
+
+def test_triton_launches_on_the_tensors_gpu(monkeypatch):
+    """launch() enters torch.cuda.device(x.device) for a CUDA tensor (a tensor on cuda:1 while
+    cuda:0 is current), and every Triton launch of the package goes through it."""
+    from octav_kernels.triton import _common
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: entered.append(("launch", grid, args))
+
+    class OnGPU1:  # what launch() reads of a CUDA tensor
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    _common.launch(Kernel(), (4,), OnGPU1(), 7)
+    assert entered == [torch.device("cuda", 1), ("launch", (4,), (7,))]
+    entered.clear()
+    _common.launch(Kernel(), (1,), torch.ones(1), 8)  # CPU (interpreter): no device switch
+    assert entered == [("launch", (1,), (8,))]
+
+    launches = []
+    for path in Path(_common.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and path.name != "_common.py"):
+                launches.append(f"{path.name}:{node.lineno}")
+    assert launches == [], f"Triton launches outside _common.launch: {launches}"
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("case", [
+    pytest.param(((5_000,), {}), id="tensor"),
+    pytest.param(((3, 2_500), {"dim": 0}), id="channels"),
+    pytest.param(((2_600, 3), {"dim": 1}), id="strided"),
+])
+def test_triton_multi_program_pass_is_the_one_program_pass(monkeypatch, case):
+    """Large groups spread each pass over one program per block; the block sums are added in
+    the one-program pass's order, so scales and sums are the same bits, for cold and warm
+    starts and early stops."""
+    from octav_kernels.triton import octav as triton_octav
+
+    shape, gran = case
+    x = make_data(shape, seed=11)
+    scale = reference_scale(x, 4, **gran)
+    runs = []
+    for multi_min in (1 << 62, 2_048):  # the one-program path, then the multi-program one
+        monkeypatch.setattr(triton_octav, "MULTI_MIN", multi_min)
+        with use_backend("triton"):
+            runs.append([ok.octav_scale(x, 4, **gran),
+                         ok.octav_scale(x, 3, signed=False, **gran),
+                         ok.octav_scale(x, 4, init=scale * 1.02, **gran),
+                         ok.octav_scale(x, 4, max_iters=2, rtol=0.0, **gran),
+                         ok.octav_scale(x, 4, max_iters=0, **gran),
+                         ok.octav_scale(x, 4, init=scale, max_iters=0, **gran),
+                         *ok.masked_sums(x, scale * 0.8, **gran)])
+    for one, multi in zip(*runs):
+        assert_bitwise(multi, one)
+    assert_scale_close(runs[1][0], scale, torch.float32)
