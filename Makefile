@@ -36,10 +36,12 @@ bench: $(VENV)/.built
 	$(PY) bench/bench_oscillation.py --out bench/results/cpu_oscillation.md
 	$(PY) bench/bench_overhead.py --out bench/results/cpu_overhead.md
 
-# The end-to-end QAT demos (scikit-learn digits, ~5 + ~4 min on 2 cores).
+# The end-to-end QAT demos (scikit-learn digits, ~5 + ~4 min on 2 cores) and the deployment
+# path on the same CNN (convert, ONNX export, ONNX Runtime; ~1 min).
 demo: $(VENV)/.built
 	$(PY) bench/qat_digits.py --out bench/results/cpu_qat_digits.md
 	$(PY) bench/qat_oscillations.py --out bench/results/cpu_qat_oscillations.md
+	$(PY) bench/deploy_digits.py --out bench/results/cpu_deploy.md
 
 cuda-build: $(CUDA_VENV)/.deps
 	CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" OCTAV_FORCE_CUDA=1 \
@@ -69,7 +71,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis \
-	  scikit-learn ruff
+	  scikit-learn ruff onnx onnxruntime
 	touch $@
 
 # No build isolation: the extension must compile against the torch installed above.

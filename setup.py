@@ -100,7 +100,8 @@ setup(
     packages=find_packages(include=["octav_kernels", "octav_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require={"triton": ["triton"], "onnx": ["onnx", "onnxruntime"],
+                    "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -4,7 +4,7 @@ Layers (imports go one way, down): ``ops`` (the ``torch.ops.octav`` ops: schemas
 autograd, wrappers) -> ``backend`` (which kernels serve them: C++ / CUDA in
 ``octav_kernels._C``, ``octav_kernels.triton``, ``octav_kernels.reference``) ; ``calibrate``
 (baseline scales), ``distributed``; ``qat`` (quantizers, layers, model conversion, oscillation
-control) on top.
+control) on top; ``deploy`` (integer weights, ONNX export) on top of that.
 
 Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_quantize``,
 ``octav_fake_quantize``, ``refine_scale`` (OCTAV polished against the empirical MSE; also
@@ -14,7 +14,10 @@ Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_qu
 all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLinear``,
 ``QuantConv1d``, ``QuantConv2d``, ``QuantConfig``, the model helpers ``quantize_model``,
 ``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``, ``check_finite``, and
-``OscillationControl`` / ``Ramp``. Data split across ranks: ``octav_kernels.distributed``.
+``OscillationControl`` / ``Ramp``. Deployment (``octav_kernels.deploy``): ``convert_model``
+(integer weights: ``QuantizedLinear``, ``QuantizedConv1d``, ``QuantizedConv2d``,
+``QuantizedAct``) and ``export_onnx`` (QDQ ONNX). Data split across ranks:
+``octav_kernels.distributed``.
 Backend control (tests, debugging): ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
@@ -31,6 +34,14 @@ from .calibrate import (
     mse_sweep_scale,
     percentile_scale,
     quantization_mse,
+)
+from .deploy import (
+    QuantizedAct,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedLinear,
+    convert_model,
+    export_onnx,
 )
 from .ops import (
     OscillationState,
@@ -74,13 +85,19 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "Quantizer",
+    "QuantizedAct",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedLinear",
     "Ramp",
     "calibrate_model",
     "calibration",
     "check_finite",
+    "convert_model",
     "dampening_loss",
     "dequantize_model",
     "distributed",
+    "export_onnx",
     "fake_quantize",
     "fake_quantize_tracked",
     "make_calibrator",

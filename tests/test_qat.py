@@ -379,6 +379,9 @@ def test_quantize_model_rejects_non_modules_and_quantized_models():
         ok.quantize_model("resnet")
     with pytest.raises(ValueError, match="already quantized"):
         ok.quantize_model(ok.quantize_model(small_cnn()))
+    # standalone quantizers placed by hand stay, and are not "already quantized"
+    model = ok.quantize_model(nn.Sequential(nn.Linear(4, 4), ok.QuantAct(8), nn.Linear(4, 2)))
+    assert isinstance(model[1], ok.QuantAct) and isinstance(model[2], ok.QuantLinear)
     with pytest.raises(ValueError, match="narrow=True applies to signed grids only"):
         ok.Quantizer(4, signed=False, narrow=True)
 

@@ -80,9 +80,11 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
             continue
         if type(module) in QUANTIZED:
             convertible.append(name)
-        elif isinstance(module, (_QuantLayer, Quantizer)):
+        elif isinstance(module, _QuantLayer):
             raise ValueError(f"model is already quantized ({name or 'model'} is "
                              f"{type(module).__name__}); call dequantize_model first")
+        elif isinstance(module, Quantizer):  # a standalone quantizer (QuantAct) stays as it is
+            skipped_prefixes.append(name)
         elif (not isinstance(module, FLOAT_BY_DESIGN)
               and any(True for _ in module.parameters(recurse=False))):
             unsupported.append(f"{name} ({type(module).__name__})")
@@ -96,7 +98,7 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
 
     ends = {convertible[0], convertible[-1]} if convertible and first_last_bits else set()
     for name in convertible:
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         float_layer = getattr(parent, attr)
         layer_config = (QuantConfig.of(config, bits=first_last_bits, act_bits=None)
                         if name in ends else config)
@@ -110,19 +112,20 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
 
 
 def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every quantized layer by the plain float layer (same Parameters) and drop
-    standalone ``Quantizer`` modules (replaced by ``nn.Identity``)."""
+    """Replace every quantized layer by the plain float layer and drop standalone quantizers
+    (replaced by ``nn.Identity``): each module with a ``to_float()`` method (the QAT layers,
+    which keep their Parameters; the converted layers of ``convert_model``, whose weight
+    becomes the dequantized one) is replaced by what it returns."""
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [name for name, m in model.named_modules()
-               if name and isinstance(m, (_QuantLayer, Quantizer))]
-    for name in targets:
-        parent, attr = _parent(model, name)
-        module = getattr(parent, attr, None)
-        if isinstance(module, _QuantLayer):
+    replaced: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in replaced):
+            continue
+        if callable(getattr(module, "to_float", None)):
+            parent, attr = parent_of(model, name)
             setattr(parent, attr, module.to_float())
-        elif isinstance(module, Quantizer) and not isinstance(parent, _QuantLayer):
-            setattr(parent, attr, nn.Identity())
+            replaced.append(name)
     return model
 
 
@@ -239,6 +242,7 @@ def _skipped(name: str, module: nn.Module, skip) -> bool:
                or (isinstance(item, type) and isinstance(module, item)) for item in skip)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the submodule ``name`` of ``model``."""
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr

@@ -304,6 +304,10 @@ class Quantizer(OscillationTracking, nn.Module):
             self._nonfinite.zero_()
             raise self._nonfinite_error(f"of one of the last {unchecked} scale updates ")
 
+    def to_float(self) -> nn.Module:
+        """What ``dequantize_model`` puts in this quantizer's place: ``nn.Identity``."""
+        return nn.Identity()
+
     # -- static calibration -----------------------------------------------------------------
 
     def observe(self, x: torch.Tensor) -> None:
