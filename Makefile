@@ -15,7 +15,7 @@ CUDA_VENV := .venv-cuda
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(patsubst %/bin/nvcc,%,$(shell command -v nvcc)))
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: run test lint bench demo cuda-build asan
+.PHONY: run test lint bench demo qat-lm cuda-build asan
 
 run: $(VENV)/.built
 	$(PY) -m octav_kernels
@@ -42,6 +42,11 @@ demo: $(VENV)/.built
 	$(PY) bench/qat_digits.py --out bench/results/cpu_qat_digits.md
 	$(PY) bench/qat_oscillations.py --out bench/results/cpu_qat_oscillations.md
 	$(PY) bench/deploy_digits.py --out bench/results/cpu_deploy.md
+
+# QAT of a byte-level transformer LM: PTQ, QAT, learned scales and torchao side by side
+# (~20 min on 2 cores; torchao is a benchmark-only dependency, installed by .venv).
+qat-lm: $(VENV)/.built
+	$(PY) bench/qat_lm.py --out bench/results/cpu_qat_lm.md
 
 cuda-build: $(CUDA_VENV)/.deps
 	CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" OCTAV_FORCE_CUDA=1 \
@@ -71,7 +76,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis \
-	  scikit-learn ruff onnx onnxruntime
+	  scikit-learn ruff onnx onnxruntime torchao
 	touch $@
 
 # No build isolation: the extension must compile against the torch installed above.

@@ -13,6 +13,7 @@ import time
 
 import torch
 from bench_octav import emit, header
+from qat_lm import Block
 from torch import nn
 
 import octav_kernels as ok
@@ -76,28 +77,10 @@ def op_calls(n: int) -> tuple[dict, dict]:
     return forward, both
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block (causal self-attention and a 4x MLP) made of Linears."""
-
-    def __init__(self, d: int, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, -1).unbind(2)
-        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                       v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
-
-
 def transformer(d: int, layers: int = 4) -> nn.Module:
+    """Pre-norm transformer blocks (bench/qat_lm.py's) and a final Linear."""
     torch.manual_seed(0)
-    return nn.Sequential(*[Block(d) for _ in range(layers)], nn.Linear(d, d))
+    return nn.Sequential(*[Block(d, heads=4) for _ in range(layers)], nn.Linear(d, d))
 
 
 class TorchFakeQuantLinear(nn.Module):

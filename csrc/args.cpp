@@ -209,6 +209,13 @@ Levels levels(int64_t bits, bool is_signed, bool narrow) {
   return {half, -half, half - 1};
 }
 
+double lsq_coefficient(int64_t group_len, const Levels& lv, bool grad_scale) {
+  const double factor =
+      grad_scale ? 1.0 / std::sqrt(static_cast<double>(group_len) * static_cast<double>(lv.hi))
+                 : 1.0;
+  return factor / static_cast<double>(lv.L);
+}
+
 double octav_constant(int64_t bits, bool is_signed, bool narrow) {
   const double L = static_cast<double>(levels(bits, is_signed, narrow).L);
   return 1.0 / (12.0 * L * L);

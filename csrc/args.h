@@ -74,6 +74,9 @@ void check_tracked(const at::Tensor& x, int64_t bits, bool is_signed, const at::
                    const at::Tensor& freeze_threshold);
 
 Levels levels(int64_t bits, bool is_signed, bool narrow);
+// The factor of a learned scale's summed gradient: 1 / L (step = s / L), times LSQ's gradient
+// scale 1 / sqrt(N hi) (N = group_len elements per group) when grad_scale.
+double lsq_coefficient(int64_t group_len, const Levels& lv, bool grad_scale);
 // step^2 / (12 s^2) = 1 / (12 L^2): 4^-B / 3 signed, 4^-B / 12 unsigned, narrow 1/(12 (2^(B-1)-1)^2).
 double octav_constant(int64_t bits, bool is_signed, bool narrow);
 

@@ -6,6 +6,7 @@
 // fake_quantize / octav_fake_quantize (SPEC §3): STE keeps nothing for the backward, MAD keeps
 // x and the scale, PWL runs the _packed forward and keeps its bit-packed mask (1 bit per
 // element); without a gradient to compute, the op's kernel runs directly (no graph node).
+// fake_quantize_lsq (a learned scale): keeps x and the scale; the gradient goes to both.
 // dampening_error: keeps w, the scale and the frozen mask; the gradient goes to w only.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -36,6 +37,11 @@ using FusedSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, 
                                                     bool);
 using FusedPackedSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, int64_t, bool, OptInt, OptInt, const OptTensor&, bool);
+using LsqSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, OptInt, OptInt,
+                          c10::string_view, bool, bool);
+using LsqBackwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, OptInt, OptInt,
+    c10::string_view, bool, bool, const OptTensor&);
 using DampeningSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, OptInt,
                                 OptInt, bool, const OptTensor&);
 using DampeningBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -61,6 +67,10 @@ const c10::TypedOperatorHandle<FusedSig>& fused_op() {
 }
 const c10::TypedOperatorHandle<FusedPackedSig>& fused_packed_op() {
   static const auto handle = op<FusedPackedSig>("octav::_octav_fake_quantize_packed");
+  return handle;
+}
+const c10::TypedOperatorHandle<LsqSig>& lsq_op() {
+  static const auto handle = op<LsqSig>("octav::fake_quantize_lsq");
   return handle;
 }
 const c10::TypedOperatorHandle<DampeningSig>& dampening_op() {
@@ -168,6 +178,49 @@ std::tuple<at::Tensor, at::Tensor> octav_fake_quantize_autograd(
   return {out[0], out[1]};
 }
 
+// The learned-scale op: keeps x and the scale; its backward gives both their gradients.
+struct FakeQuantizeLsq : torch::autograd::Function<FakeQuantizeLsq> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            int64_t bits, bool is_signed, OptInt dim, OptInt group_size,
+                            c10::string_view grad, bool narrow, bool grad_scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["signed"] = is_signed;
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["grad"] = std::string(grad);
+    ctx->saved_data["narrow"] = narrow;
+    ctx->saved_data["grad_scale"] = grad_scale;
+    ctx->save_for_backward({x, scale});
+    return lsq_op().call(x, scale, bits, is_signed, dim, group_size, grad, narrow, grad_scale);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward = op<LsqBackwardSig>("octav::fake_quantize_lsq_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::string grad = ctx->saved_data["grad"].toStringRef();
+    auto [grad_x, grad_s] = backward.call(
+        grads[0], saved[0], saved[1], ctx->saved_data["bits"].toInt(),
+        ctx->saved_data["signed"].toBool(), ctx->saved_data["dim"].toOptional<int64_t>(),
+        ctx->saved_data["group_size"].toOptional<int64_t>(), grad,
+        ctx->saved_data["narrow"].toBool(), ctx->saved_data["grad_scale"].toBool(),
+        std::nullopt);
+    return {grad_x, grad_s.to(saved[1].scalar_type()), {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor fake_quantize_lsq_autograd(const at::Tensor& x, const at::Tensor& scale,
+                                      int64_t bits, bool is_signed, OptInt dim,
+                                      OptInt group_size, c10::string_view grad, bool narrow,
+                                      bool grad_scale) {
+  if (!(needs_grad(x) || needs_grad(scale))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lsq_op().call(x, scale, bits, is_signed, dim, group_size, grad, narrow, grad_scale);
+  }
+  return FakeQuantizeLsq::apply(x, scale, bits, is_signed, dim, group_size, grad, narrow,
+                                grad_scale);
+}
+
 struct DampeningError : torch::autograd::Function<DampeningError> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& w, const at::Tensor& scale,
                             int64_t bits, bool is_signed, OptInt dim, OptInt group_size,
@@ -210,6 +263,7 @@ at::Tensor dampening_error_autograd(const at::Tensor& w, const at::Tensor& scale
 TORCH_LIBRARY_IMPL(octav, Autograd, m) {
   m.impl("fake_quantize", &fake_quantize_autograd);
   m.impl("octav_fake_quantize", &octav_fake_quantize_autograd);
+  m.impl("fake_quantize_lsq", &fake_quantize_lsq_autograd);
   m.impl("dampening_error", &dampening_error_autograd);
 }
 

@@ -5,15 +5,8 @@
 // to their kernels (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu). The schemas are defined in
 // octav_kernels/ops/.
 //
-// K provides, for contiguous checked tensors in the [outer, n_groups, inner] view (Groups):
-//   fake_quantize(x, scale, g, levels, signed, mask*)    y (and the packed PWL mask)
-//   backward(grad, x, scale, g, signed, mode, frozen)    the estimator's grad_x
-//   pwl_backward_packed(grad, mask)
-//   tracked(x, scale, g, levels, state..., momentum, threshold, update)
-//   dampening(w, grad, scale, g, levels, frozen)         err (grad undefined) or grad_w
-//   masked_sums(x, scale, g, signed), octav_scale(x, init, g, signed, c, max_iters, rtol) and
-//   candidate_sse(x, cand, g, levels) on the reductions' layout (reduction_layout);
-//   fused(x, init, g, bits, signed, narrow, with_mask)   (y, scale, mask) at the default iteration
+// K is the device's struct of kernels (csrc/kernels.h: OCTAV_KERNELS_INTERFACE); the reductions
+// (masked_sums, octav_scale, candidate_sse) take the reductions' layout (reduction_layout).
 #pragma once
 
 #include <torch/library.h>
@@ -88,6 +81,34 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad_out, const at::Tensor& 
   if (x.numel() == 0) return empty_like_x(x);
   return K::backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s, g, is_signed,
                      mode, fr);
+}
+
+// The learned-scale (LSQ) op: fake_quantize's values; its backward also reduces the scale's
+// gradient per group (octav_kernels/reference.py: fake_quantize_lsq_backward).
+template <typename K>
+at::Tensor fake_quantize_lsq(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
+                             bool is_signed, OptInt dim, OptInt group_size, c10::string_view grad,
+                             bool narrow, bool grad_scale) {
+  return fake_quantize<K>(x, scale, bits, is_signed, dim, group_size, grad, narrow);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> fake_quantize_lsq_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, int64_t bits,
+    bool is_signed, OptInt dim, OptInt group_size, c10::string_view grad, bool narrow,
+    bool grad_scale, const OptTensor& frozen) {
+  const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
+  const Grad mode = check_grad(grad);
+  const at::Tensor s = check_scale(scale, x, g);
+  check_x(grad_out, "grad_out");
+  check_matches(grad_out, x, "grad_out", "x");
+  const at::Tensor fr = check_frozen(frozen, x);
+  if (x.numel() == 0) return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat)};
+  const Levels lv = levels(bits, is_signed, narrow);
+  auto [grad_x, grad_s] =
+      K::lsq_backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s, g, lv,
+                      is_signed, mode, fr, lsq_coefficient(g.len(), lv, grad_scale));
+  return {grad_x, grad_s.view(g.scale_shape)};
 }
 
 // ------------------------------------------------------------------------------ oscillation
@@ -247,6 +268,8 @@ void register_ops(torch::Library& m) {
   m.impl("_fake_quantize_packed", &fake_quantize_packed<K>);
   m.impl("_pwl_backward_packed", &pwl_backward_packed<K>);
   m.impl("fake_quantize_backward", &fake_quantize_backward<K>);
+  m.impl("fake_quantize_lsq", &fake_quantize_lsq<K>);
+  m.impl("fake_quantize_lsq_backward", &fake_quantize_lsq_backward<K>);
   m.impl("fake_quantize_tracked", &fake_quantize_tracked<K>);
   m.impl("dampening_error", &dampening_error<K>);
   m.impl("dampening_backward", &dampening_backward<K>);

@@ -8,7 +8,8 @@ control) on top; ``deploy`` (integer weights, ONNX export) on top of that.
 
 Ops (also as ``torch.ops.octav.*``): ``octav_scale``, ``masked_sums``, ``fake_quantize``,
 ``octav_fake_quantize``, ``refine_scale`` (OCTAV polished against the empirical MSE; also
-``refine=True`` on ``octav_scale`` / ``octav_fake_quantize``), and for weight oscillations
+``refine=True`` on ``octav_scale`` / ``octav_fake_quantize``), ``fake_quantize_lsq`` (a learned
+scale: LSQ), and for weight oscillations
 ``fake_quantize_tracked``, ``OscillationState``, ``dampening_loss``. Baselines for calibration:
 ``max_scale``, ``percentile_scale``, ``mse_sweep_scale``, and the ``Calibrator`` classes over
 all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLinear``,
@@ -47,6 +48,7 @@ from .ops import (
     OscillationState,
     dampening_loss,
     fake_quantize,
+    fake_quantize_lsq,
     fake_quantize_tracked,
     masked_sums,
     octav_fake_quantize,
@@ -99,6 +101,7 @@ __all__ = [
     "distributed",
     "export_onnx",
     "fake_quantize",
+    "fake_quantize_lsq",
     "fake_quantize_tracked",
     "make_calibrator",
     "masked_sums",

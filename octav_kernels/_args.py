@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,15 @@ def octav_constant(bits: int, signed: bool, narrow: bool) -> float:
     1/(12 (2**(B-1)-1)**2) narrow."""
     L = levels(bits, signed, narrow)[0]
     return 1.0 / (12.0 * L * L)
+
+
+def lsq_coefficient(group_len: int, bits: int, signed: bool, narrow: bool,
+                    grad_scale: bool) -> float:
+    """The factor of a learned scale's summed gradient: ``c = 1 / L`` (``step = c s``) times
+    LSQ's gradient scale ``1 / sqrt(N hi)`` (N = elements per group) when ``grad_scale``."""
+    L, _, hi = levels(bits, signed, narrow)
+    factor = 1.0 / math.sqrt(group_len * hi) if grad_scale else 1.0
+    return factor / L
 
 
 def check_state(tensor: object, x: torch.Tensor, dtype: torch.dtype, name: str,

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._args import levels, octav_constant
+from ._args import levels, lsq_coefficient, octav_constant
 
 
 def _as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
@@ -313,6 +313,43 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     else:
         out = torch.where(inside, g, torch.where(below, zero, g * (s / a)))
     return out.to(x.dtype)
+
+
+def fake_quantize_lsq_backward(grad_out, x, scale, bits, signed=True, dim=None, group_size=None,
+                               grad="mad", narrow=False, grad_scale=True, frozen=None):
+    """``(grad_x, grad_scale)`` of the clip-quantize op with a learned scale (LSQ, Esser et al.
+    2020, on SPEC §1's grid): ``grad_x`` is ``fake_quantize_backward``'s (the estimator
+    ``grad``; 0 where ``frozen``), and per group, with round treated as identity::
+
+        v = x / step (float32),  n = clamp(round(v), lo, hi)
+        dq/ds = c (n - v)  if lo <= v <= hi,  else c n       (c = 1 / L, step = c s)
+        grad_scale = f * c * sum over the group of grad_out * (n - v or n)
+
+    with LSQ's gradient scale ``f = 1 / sqrt(N hi)`` (N elements per group; 1 without
+    ``grad_scale``). ``n - v`` is exact in float32 (Sterbenz: v is within a factor 2 of n, or
+    n = 0), each product exact in float64, the sum in float64; elements with step == 0 and
+    frozen elements (constants of training) contribute nothing. grad_scale is float32 of the
+    scale's shape."""
+    grad_x = fake_quantize_backward(grad_out, x, scale, signed, dim, group_size, grad, frozen)
+    L, lo, hi = levels(bits, signed, narrow)
+    step = grid_step(scale, x, dim, group_size, L)
+    v = x.float() / step
+    n = torch.clamp(torch.round(v), lo, hi)
+    d = torch.where((v >= lo) & (v <= hi), n - v, n)
+    term = grad_out.double() * d.double()
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    term = torch.where(step == 0, zero, term)
+    if frozen is not None:
+        term = torch.where(frozen, zero, term)
+    rows = _as_rows(term, dim, group_size)
+    coefficient = lsq_coefficient(rows.shape[1], bits, signed, narrow, grad_scale)
+    return grad_x, (rows.sum(1) * coefficient).float().reshape(scale.shape)
+
+
+def fake_quantize_lsq(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                      narrow=False, grad_scale=True):
+    """The forward of the learned-scale clip-quantize op: ``fake_quantize``'s values."""
+    return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
 
 
 def pwl_mask(x, scale, signed=True, dim=None, group_size=None):

@@ -47,6 +47,12 @@ def sample_inputs():
                                            *state.tensors(), 0.25, torch.tensor(0.2), True), {}),
         (o.dampening_error.default, (x, s_c, 3), {"dim": 0, "frozen": state.frozen}),
         (o.dampening_error.default, (xu, s_g, 4), {"signed": False, "group_size": 4}),
+        (o.fake_quantize_lsq.default, (x, s_c.clone().requires_grad_(), 4),
+         {"dim": 0, "grad": "mad"}),
+        (o.fake_quantize_lsq.default, (xu, s_g.clone().requires_grad_(), 3),
+         {"signed": False, "group_size": 4, "grad": "pwl", "grad_scale": False}),
+        (o.fake_quantize_lsq_backward.default, (g, x.detach(), s_c, 4),
+         {"dim": 0, "grad": "mad", "frozen": state.frozen}),
         (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad"}),
         (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl"}),
         (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),
@@ -101,7 +107,8 @@ def test_dispatcher_picks_the_kernels():
     C++ autograd of the differentiable ops where built (fallthrough for the others)."""
     cpu = torch.device("cpu")
     built = backend.available("cpu", cpu)
-    differentiable = {"fake_quantize", "octav_fake_quantize", "dampening_error"}
+    differentiable = {"fake_quantize", "octav_fake_quantize", "dampening_error",
+                      "fake_quantize_lsq"}
     for name in ok.ops.OPS:
         table = {line.split(":")[0]: line for line in
                  torch._C._dispatch_dump(f"octav::{name}").splitlines()}

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace octav::cpu {
 namespace {
@@ -54,6 +55,14 @@ inline float quantize(float v, float step, float lo, float hi) {
 template <typename C>
 inline bool inside(C v, C s, bool is_signed) {
   return is_signed ? std::abs(v) <= s : (v >= C(0) && v <= s);
+}
+
+// The estimator's gradient of element v for the incoming g (SPEC §3's table).
+template <typename C>
+inline C estimator_grad(C g, C v, C s, bool is_signed, Grad mode) {
+  if (mode == kSte || inside(v, s, is_signed)) return g;
+  if (mode == kPwl || (!is_signed && v < C(0))) return C(0);
+  return g * (s / (is_signed ? std::abs(v) : v));  // MAD: g * s / |x|
 }
 
 }  // namespace
@@ -204,15 +213,11 @@ at::Tensor Kernels::backward(const at::Tensor& grad, const at::Tensor& x, const 
     for_each_run(g, scale.data_ptr<float>(), [&](int64_t begin, int64_t n, float sf) {
       const C s = static_cast<C>(sf);
       for (int64_t k = begin; k < begin + n; ++k) {
-        const C gk = static_cast<C>(gp[k]);
-        const C v = static_cast<C>(xp[k]);
-        const bool in = inside(v, s, is_signed);
-        const bool below = !is_signed && v < C(0);
-        C out = gk;
-        if (mode == kPwl && !in) out = C(0);
-        if (mode == kMad && !in) out = below ? C(0) : gk * (s / (is_signed ? std::abs(v) : v));
-        if (frozen_p != nullptr && frozen_p[k]) out = C(0);
-        op[k] = static_cast<scalar_t>(out);
+        const bool off = frozen_p != nullptr && frozen_p[k];
+        op[k] = static_cast<scalar_t>(
+            off ? C(0)
+                : estimator_grad(static_cast<C>(gp[k]), static_cast<C>(xp[k]), s, is_signed,
+                                 mode));
       }
     });
   });
@@ -233,6 +238,103 @@ at::Tensor Kernels::pwl_backward_packed(const at::Tensor& g, const at::Tensor& m
     });
   });
   return gx;
+}
+
+}  // namespace octav::cpu
+
+namespace octav::cpu {
+namespace {
+
+constexpr int64_t kLsqChunk = 1 << 14;  // elements per partial sum of a learned scale's gradient
+
+// The estimator's grad_x of elements [begin, end) of group c (a contiguous run of one row),
+// and the float64 sum of their terms grad * (n - v or n) of the scale's gradient
+// (reference.fake_quantize_lsq_backward).
+template <typename T>
+double lsq_run(const T* gp, const T* xp, T* op, const bool* frozen_p, int64_t begin,
+               int64_t end, float sf, const Levels& lv, bool is_signed, Grad mode) {
+  using C = at::opmath_type<T>;
+  const float fl = static_cast<float>(lv.L), flo = static_cast<float>(lv.lo),
+              fhi = static_cast<float>(lv.hi);
+  const float step = sf / fl;
+  const C s = static_cast<C>(sf);
+  double acc = 0.0;
+  for (int64_t k = begin; k < end; ++k) {
+    const C gk = static_cast<C>(gp[k]);
+    const bool off = frozen_p != nullptr && frozen_p[k];
+    op[k] = static_cast<T>(off ? C(0)
+                               : estimator_grad(gk, static_cast<C>(xp[k]), s, is_signed, mode));
+    if (step != 0.0f && !off) {
+      const float v = static_cast<float>(xp[k]) / step;
+      const float n = clamp_level(std::nearbyint(v), flo, fhi);
+      const float d = (v >= flo && v <= fhi) ? n - v : n;
+      acc += static_cast<double>(gk) * static_cast<double>(d);
+    }
+  }
+  return acc;
+}
+
+}  // namespace
+
+// Per group, the elements are cut into fixed chunks of kLsqChunk whose partial sums are added
+// in chunk order, whether the groups run in parallel (many groups) or the chunks of each group
+// do (few groups): the same bits for any thread count.
+std::tuple<at::Tensor, at::Tensor> Kernels::lsq_backward(const at::Tensor& grad,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& scale,
+                                                         const Groups& g, const Levels& lv,
+                                                         bool is_signed, Grad mode,
+                                                         const at::Tensor& frozen,
+                                                         double coefficient) {
+  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto gs = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
+  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
+  const float* sp = scale.data_ptr<float>();
+  float* gsp = gs.data_ptr<float>();
+  const int64_t len = g.len(), n_chunks = (len + kLsqChunk - 1) / kLsqChunk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lsq_bwd", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = gx.data_ptr<scalar_t>();
+    // Group c's elements [b, e) (in (outer, inner) order): grad_x and their partial sum.
+    auto chunk = [&](int64_t c, int64_t b, int64_t e) {
+      double acc = 0.0;
+      for (int64_t j = b; j < e;) {
+        const int64_t o = j / g.inner, i = j % g.inner, n = std::min(g.inner - i, e - j);
+        const int64_t at = (o * g.n_groups + c) * g.inner + i;
+        acc += lsq_run(gp, xp, op, frozen_p, at, at + n, sp[c], lv, is_signed, mode);
+        j += n;
+      }
+      return acc;
+    };
+    auto finish = [&](int64_t c, const double* partial) {
+      double total = 0.0;
+      for (int64_t k = 0; k < n_chunks; ++k) total += partial[k];
+      gsp[c] = static_cast<float>(total * coefficient);
+    };
+    if (g.n_groups >= at::get_num_threads()) {
+      at::parallel_for(0, g.n_groups, 1, [&](int64_t b, int64_t e) {
+        std::vector<double> partial(n_chunks);
+        for (int64_t c = b; c < e; ++c) {
+          for (int64_t k = 0; k < n_chunks; ++k) {
+            partial[k] = chunk(c, k * kLsqChunk, std::min(len, (k + 1) * kLsqChunk));
+          }
+          finish(c, partial.data());
+        }
+      });
+      return;
+    }
+    std::vector<double> partial(n_chunks);
+    for (int64_t c = 0; c < g.n_groups; ++c) {
+      at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
+          partial[k] = chunk(c, k * kLsqChunk, std::min(len, (k + 1) * kLsqChunk));
+        }
+      });
+      finish(c, partial.data());
+    }
+  });
+  return {gx, gs};
 }
 
 }  // namespace octav::cpu

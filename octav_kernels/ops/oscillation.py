@@ -103,21 +103,30 @@ class _TrackedFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, bits, signed, dim, group_size, grad, narrow, last_int, last_dir,
-                frozen, osc_freq, int_ema, momentum, freeze_threshold, update):
+                frozen, osc_freq, int_ema, momentum, freeze_threshold, update, learned,
+                grad_scale):
         y = torch.ops.octav.fake_quantize_tracked.default(
             x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir, frozen,
             osc_freq, int_ema, momentum, freeze_threshold, update)
-        if ctx.needs_input_grad[0]:  # (eval / no_grad forwards copy nothing)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # (eval: nothing copied)
             ctx.save_for_backward(x, scale, frozen.clone())
-        ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
+        ctx.args = (bits, signed, dim, group_size, grad, narrow, learned, grad_scale)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, frozen = ctx.saved_tensors
-        grad_x = torch.ops.octav.fake_quantize_backward.default(
-            grad_y, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad, frozen)
-        return (grad_x,) + (None,) * 15  # state, threshold and flags get no gradient
+        bits, signed, dim, group_size, grad, narrow, learned, grad_scale = ctx.args
+        grad_s = None
+        if learned:  # LSQ: frozen weights are constants of training, for the scale too
+            grad_x, grad_s = torch.ops.octav.fake_quantize_lsq_backward.default(
+                grad_y, x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale,
+                frozen)
+            grad_s = grad_s.to(scale.dtype)
+        else:
+            grad_x = torch.ops.octav.fake_quantize_backward.default(
+                grad_y, x, scale, signed, dim, group_size, grad, frozen)
+        return (grad_x, grad_s) + (None,) * 16  # state, threshold and flags get no gradient
 
 
 def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -125,7 +134,8 @@ def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
                           dim: int | None = None, group_size: int | None = None,
                           grad: str = "mad", narrow: bool = False, momentum: float = 0.01,
                           freeze_threshold: float | torch.Tensor = 0.0,
-                          update: bool = True) -> torch.Tensor:
+                          update: bool = True, learned: bool = False,
+                          grad_scale: bool = True) -> torch.Tensor:
     """``fake_quantize`` of a weight that also tracks its oscillations (and freezes weights),
     in one pass; updates ``state`` in place (``update=False``: only applies the frozen levels,
     as in eval). Per element, with ``n`` its level this step and ``m = momentum``::
@@ -138,10 +148,13 @@ def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
     Levels are int8: signed bits <= 8, unsigned <= 7. ``freeze_threshold`` is a number or a
     0-dim float32 tensor on x's device (compared in float32; a tensor that a schedule updates
     in place does not recompile a compiled model). ``reference.fake_quantize_tracked`` is the
-    definition.
+    definition. ``learned=True``: the scale is learned (LSQ, ``fake_quantize_lsq``) and gets its
+    gradient too (frozen weights do not contribute to it).
     """
     _args.check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
-                                                 ("update", update)), (("scale", scale),))
+                                                 ("update", update), ("learned", learned),
+                                                 ("grad_scale", grad_scale)),
+                      (("scale", scale),))
     _args.check_grad(grad)
     if not isinstance(state, OscillationState):
         raise TypeError(f"state must be an OscillationState, got {type(state).__name__}")
@@ -151,7 +164,7 @@ def fake_quantize_tracked(x: torch.Tensor, scale: torch.Tensor, bits: int,
                                       dtype=torch.float32, device=x.device)
     return _TrackedFakeQuantize.apply(x, scale, bits, signed, dim, group_size, grad, narrow,
                                       *state.tensors(), _args.check_momentum(momentum),
-                                      freeze_threshold, update)
+                                      freeze_threshold, update, learned, grad_scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import _args
 from ..calibrate import Calibrator, make_calibrator
 from .quantizer import MODES, QuantAct, Quantizer, choice
@@ -37,8 +39,8 @@ class QuantConfig:
         weight_granularity: ``"channel"`` (per output channel, default), ``"tensor"`` or a block
             size G (blocks of G over each output channel's flattened elements).
         act_signed: input grid; ``None`` decides from the data (unsigned after a ReLU).
-        mode: ``"dynamic"`` or ``"static"`` scales (``Quantizer``); ``weight_mode`` overrides it
-            for weights.
+        mode: ``"dynamic"``, ``"static"`` or ``"learned"`` scales (``Quantizer``; learned: LSQ,
+            initialized by the calibrator); ``weight_mode`` overrides it for weights.
         calibrator: the scale rule (``Quantizer``): ``"octav"``, ``"octav:refine"``, ``"max"``,
             ``"percentile[:p]"``, ``"mse[:points]"`` or a ``Calibrator``.
         every: in dynamic training, recompute scales every ``every`` forwards.
@@ -46,6 +48,7 @@ class QuantConfig:
         quantize_input: set False to leave the input in float.
         process_group: data-parallel group (or ``"world"``) of the input quantizer
             (``Quantizer``); weights are replicated by DDP and need none.
+        grad_scale: learned scales: multiply their gradient by LSQ's ``1 / sqrt(N hi)``.
     """
 
     bits: int = 4
@@ -60,6 +63,7 @@ class QuantConfig:
     narrow: bool = False
     quantize_input: bool = True
     process_group: Any = None
+    grad_scale: bool = True
 
     def __post_init__(self):
         _args.check_bits(self.bits)
@@ -75,7 +79,7 @@ class QuantConfig:
         make_calibrator(self.calibrator)
         if _args.check_int(self.every, "every") < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
-        for name in ("narrow", "quantize_input"):
+        for name in ("narrow", "quantize_input", "grad_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
@@ -95,10 +99,15 @@ class QuantConfig:
         """The quantizer of a weight of ``weight_shape`` (signed; computes its scale from the
         weight itself in eval if it has none)."""
         dim, group_size = weight_granularity(self.weight_granularity, weight_shape)
+        view = (weight_shape if group_size is None
+                else (weight_shape[0], math.prod(weight_shape[1:])))
+        scale_shape = _args.groups(torch.empty(view, device="meta"), dim,
+                                   group_size).scale_shape
         return Quantizer(self.bits, signed=True, dim=dim, group_size=group_size,
                          grad=estimators(self.grad)[0], mode=self.weight_mode or self.mode,
                          calibrator=self.calibrator, every=self.every, narrow=self.narrow,
-                         init_from_input=True)
+                         init_from_input=True, grad_scale=self.grad_scale,
+                         scale_shape=scale_shape)
 
     def input_quantizer(self) -> QuantAct | None:
         """The quantizer of the layer's input, or None with ``quantize_input=False``."""
@@ -108,7 +117,7 @@ class QuantConfig:
                         grad=estimators(self.grad)[1], mode=self.mode,
                         calibrator=self.calibrator, every=self.every,
                         narrow=self.narrow and self.act_signed is True,
-                        process_group=self.process_group)
+                        process_group=self.process_group, grad_scale=self.grad_scale)
 
 
 def weight_granularity(spec, shape) -> tuple[int | None, int | None]:

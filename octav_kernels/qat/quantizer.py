@@ -10,6 +10,9 @@ Scale modes (``mode=``):
 - ``"static"``: the scale is set by calibration (``octav_kernels.calibrate_model``: the mean of
   the per-batch scales over N batches, the paper's static OCTAV) and then frozen, in training
   and eval.
+- ``"learned"`` (LSQ, Esser et al. 2020): the scale is an ``nn.Parameter`` named ``scale``,
+  initialized by the calibrator (OCTAV by default) at the first training forward (or by
+  calibration), then trained by the optimizer with the LSQ gradient (``fake_quantize_lsq``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from torch import nn
 
 from .. import _args, distributed
 from ..calibrate import Calibrator, MaxCalibrator, OctavCalibrator, make_calibrator
-from ..ops import fake_quantize, octav_fake_quantize
+from ..ops import fake_quantize, fake_quantize_lsq, octav_fake_quantize
 from .tracking import OSC_BUFFERS, OscillationTracking
 
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "static", "learned")
 REDUCTIONS = ("mean", "max")
 
 
@@ -48,11 +51,18 @@ class Quantizer(OscillationTracking, nn.Module):
         every: in dynamic training, recompute the scale every ``every`` forwards.
         narrow: symmetric signed levels ``±(2**(B-1)-1)``.
         reduce: how static calibration combines per-batch scales, ``"mean"`` or ``"max"``.
+        grad_scale: in learned mode, multiply the scale's gradient by LSQ's gradient scale
+            ``1 / sqrt(N hi)`` (N elements per group).
+        scale_shape: in learned mode, the scale's shape, so that the Parameter exists (for the
+            optimizer) before the first forward; per tensor it is ``()`` without saying.
+            Otherwise the Parameter appears at the first training forward (build the optimizer
+            after it).
         check_finite: raise ``ValueError`` naming the module when a scale computed from data is
-            NaN/inf (the input had NaN/inf). On CPU tensors at once. On CUDA tensors without a
-            host sync per step: the quantizer records it on the device and raises at its next
-            check point: every ``check_every`` (100) scale updates, its first forward in eval
-            mode, or ``check_nonfinite()`` (``octav_kernels.check_finite(model)``).
+            NaN/inf (the input had NaN/inf), or a learned scale is not positive and finite. On
+            CPU tensors at once. On CUDA tensors without a host sync per step: the quantizer
+            records it on the device and raises at its next check point: every
+            ``check_every`` (100) scale updates, its first forward in eval mode, or
+            ``check_nonfinite()`` (``octav_kernels.check_finite(model)``).
         init_from_input: in eval, a quantizer without a scale computes it from its input
             instead of raising (right for weights, which do not depend on data).
         process_group: a ``torch.distributed`` group whose ranks see different data (the
@@ -79,7 +89,8 @@ class Quantizer(OscillationTracking, nn.Module):
                  group_size: int | None = None, grad: str = "mad", mode: str = "dynamic",
                  calibrator: str | Calibrator = "octav", every: int = 1, narrow: bool = False,
                  reduce: str = "mean", check_finite: bool = True,
-                 init_from_input: bool = False, process_group=None):
+                 init_from_input: bool = False, process_group=None, grad_scale: bool = True,
+                 scale_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.bits = _args.check_bits(bits)
         if signed is not None and not isinstance(signed, bool):
@@ -119,22 +130,42 @@ class Quantizer(OscillationTracking, nn.Module):
         self._calibration: tuple[torch.Tensor, int] | None = None
         self._scale_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read
+        if not isinstance(grad_scale, bool):
+            raise TypeError(f"grad_scale must be a bool, got {type(grad_scale).__name__}")
+        self.grad_scale = grad_scale
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        self._learned_set = False  # learned mode: whether the Parameter holds a scale yet
+        if self.mode == "learned":
+            if scale_shape is None and dim is None and group_size is None:
+                scale_shape = ()
+            # Whether the learned scale has been set (saved, so a checkpoint knows).
+            self.register_buffer("scale_set", torch.zeros((), dtype=torch.bool))
+            if scale_shape is not None:
+                del self._buffers["scale"]
+                self.scale = nn.Parameter(torch.zeros(tuple(scale_shape)))
 
     # -- state ------------------------------------------------------------------------------
 
     @property
     def initialized(self) -> bool:
         """Whether a scale has been set (by training, calibration or ``state_dict``)."""
+        if self.mode == "learned":
+            return self._learned_set
         return self.scale.numel() > 0 or self.scale.dim() == 0
 
     def _set_scale(self, s: torch.Tensor) -> None:
         with torch.no_grad():
             if self.scale.shape == s.shape:
                 self.scale.copy_(s)
+            elif self.mode == "learned":  # the Parameter of a shape known only now
+                self._buffers.pop("scale", None)
+                self.scale = nn.Parameter(s.detach().to(torch.float32, copy=True))
             else:
                 self.scale = s.detach().to(torch.float32, copy=True)
+            if self.mode == "learned":
+                self.scale_set.fill_(True)
+                self._learned_set = True
 
     def get_extra_state(self) -> dict:
         return {"signed": self.signed, "momentum": self.momentum}
@@ -153,10 +184,17 @@ class Quantizer(OscillationTracking, nn.Module):
             if name != "scale" and not saved_tracking:  # an untracked checkpoint: start over
                 saved = torch.empty(0)
             if isinstance(saved, torch.Tensor) and saved.shape != mine.shape:
-                setattr(self, name, torch.empty(saved.shape, dtype=mine.dtype,
-                                                device=mine.device))
+                fresh = torch.empty(saved.shape, dtype=mine.dtype, device=mine.device)
+                if isinstance(mine, nn.Parameter):
+                    fresh = nn.Parameter(fresh)
+                elif name == "scale" and self.mode == "learned":  # (its first appearance)
+                    del self._buffers["scale"]
+                    fresh = nn.Parameter(fresh)
+                setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self.mode == "learned" and prefix + "scale_set" in state_dict:
+            self._learned_set = bool(self.scale_set)
         if self.tracking and not saved_tracking:  # the state restarts at the next forward
             for name in OSC_BUFFERS:
                 if prefix + name in missing_keys:
@@ -164,12 +202,18 @@ class Quantizer(OscillationTracking, nn.Module):
 
     def _apply(self, fn, recurse=True):
         kept = {name: getattr(self, name) for name in ("scale", *OSC_BUFFERS, "osc_threshold")
-                if self._buffers.get(name) is not None}
+                if self._buffers.get(name) is not None
+                or self._parameters.get(name) is not None}
         super()._apply(fn, recurse)
         # Follow device moves only: the scale and the EMAs stay float32 when the model is cast,
         # and the state stays contiguous (the kernels update it in place) under channels_last.
+        # A learned scale stays the same Parameter object (an optimizer holds it).
         for name, tensor in kept.items():
-            setattr(self, name, tensor.to(getattr(self, name).device).contiguous())
+            moved = tensor.to(getattr(self, name).device).contiguous()
+            if isinstance(getattr(self, name), nn.Parameter):
+                getattr(self, name).data = moved.detach()
+            else:
+                setattr(self, name, moved)
         return self
 
     def extra_repr(self) -> str:
@@ -181,6 +225,8 @@ class Quantizer(OscillationTracking, nn.Module):
                 f"mode={self.mode}, calibrator={self.calibrator}"
                 + (f", every={self.every}" if self.every > 1 else "")
                 + (", narrow=True" if self.narrow else "")
+                + (", grad_scale=False" if self.mode == "learned" and not self.grad_scale
+                   else "")
                 + (f", oscillations tracked (momentum={self.momentum})" if self.tracking else ""))
 
     # -- forward ----------------------------------------------------------------------------
@@ -191,6 +237,8 @@ class Quantizer(OscillationTracking, nn.Module):
             return x
         if self.training and self.mode == "dynamic":
             return self._quantize_dynamic(x)
+        if self.training and self.mode == "learned":
+            return self._quantize_learned(x)
         if self._unchecked:
             self.check_nonfinite()
         if not self.initialized:
@@ -229,6 +277,16 @@ class Quantizer(OscillationTracking, nn.Module):
         self._check(s, x)
         self._set_scale(s)
         return y
+
+    def _quantize_learned(self, x):
+        if not self.initialized:  # the first training forward: the calibrator's scale
+            self._set_scale(self._compute_scale(x.detach(), self._signed_for(x)))
+        self._check_learned()
+        if self.tracking:
+            return self._fake_quantize_tracked(x, self.scale)
+        return fake_quantize_lsq(x, self.scale, self.bits, signed=self._signed_for(x),
+                                 dim=self.dim, group_size=self.group_size, grad=self.grad,
+                                 narrow=self.narrow, grad_scale=self.grad_scale)
 
     def _scale_fits(self, x) -> bool:
         """Whether the kept scale has the shape this input's granularity needs."""
@@ -282,14 +340,27 @@ class Quantizer(OscillationTracking, nn.Module):
         if not self.check_finite:
             return
         seen = s if self.calibrator.propagates_nonfinite else x
-        if seen.device.type not in self.deferred_check:
-            if not bool(torch.isfinite(seen).all()):
-                raise self._nonfinite_error("")
+        self._check_flag(~torch.isfinite(seen).all(), self._nonfinite_error(""))
+
+    def _check_learned(self) -> None:
+        """A learned scale the optimizer drove to <= 0, NaN or inf is an error (lower the
+        scales' learning rate)."""
+        if self.check_finite:
+            s = self.scale.detach()
+            self._check_flag(~(torch.isfinite(s) & (s > 0)).all(), ValueError(
+                f"{self.name}: the learned scale is not positive and finite (NaN or inf in the "
+                "input, or the optimizer drove it there)"))
+
+    def _check_flag(self, bad: torch.Tensor, error: ValueError) -> None:
+        """Raise ``error`` if ``bad`` (a 0-dim bool tensor): at once on the CPU; on a GPU (no
+        host sync per step) recorded on the device and read at a check point."""
+        if bad.device.type not in self.deferred_check:
+            if bool(bad):
+                raise error
             return
-        # No host sync per step on a GPU: record on the device, read at a check point.
-        if self._nonfinite.device != seen.device:
-            self._nonfinite = torch.zeros((), dtype=torch.bool, device=seen.device)
-        self._nonfinite |= ~torch.isfinite(seen).all()
+        if self._nonfinite.device != bad.device:
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=bad.device)
+        self._nonfinite |= bad
         if not torch.compiler.is_compiling():
             self._unchecked += 1
             if self._unchecked >= self.check_every:
@@ -302,6 +373,9 @@ class Quantizer(OscillationTracking, nn.Module):
         unchecked, self._unchecked = self._unchecked, 0
         if unchecked and bool(self._nonfinite):
             self._nonfinite.zero_()
+            if self.mode == "learned":
+                raise ValueError(f"{self.name}: the learned scale was not positive and finite "
+                                 f"at one of the last {unchecked} training steps")
             raise self._nonfinite_error(f"of one of the last {unchecked} scale updates ")
 
     def to_float(self) -> nn.Module:

@@ -74,7 +74,8 @@ class OscillationTracking:
         return fake_quantize_tracked(
             x, scale, self.bits, self._oscillation_state(x, scale), signed=self.signed,
             dim=self.dim, group_size=self.group_size, grad=self.grad, narrow=self.narrow,
-            momentum=self.momentum, freeze_threshold=self.osc_threshold, update=self.training)
+            momentum=self.momentum, freeze_threshold=self.osc_threshold, update=self.training,
+            learned=self.mode == "learned" and self.training, grad_scale=self.grad_scale)
 
     def frozen_fraction(self) -> float:
         """Fraction of the tracked elements that are frozen (0 before tracking starts)."""

@@ -6,6 +6,8 @@ from .fake_quant import (
     dampening_error,
     fake_quantize,
     fake_quantize_backward,
+    fake_quantize_lsq,
+    fake_quantize_lsq_backward,
     fake_quantize_packed,
     fake_quantize_tracked,
     pwl_backward_packed,
@@ -14,6 +16,7 @@ from .octav import masked_sums, octav_fake_quantize, octav_fake_quantize_packed,
 from .refine import candidate_sse, refine_scale
 
 __all__ = ["candidate_sse", "dampening_backward", "dampening_error", "fake_quantize",
-           "fake_quantize_backward", "fake_quantize_packed", "fake_quantize_tracked",
+           "fake_quantize_backward", "fake_quantize_lsq", "fake_quantize_lsq_backward",
+           "fake_quantize_packed", "fake_quantize_tracked",
            "masked_sums", "octav_fake_quantize", "octav_fake_quantize_packed", "octav_scale",
            "pwl_backward_packed", "refine_scale"]

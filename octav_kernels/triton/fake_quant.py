@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import GRADS, groups, levels
+from .._args import GRADS, groups, levels, lsq_coefficient
 from ._common import check_dtype, exact_bf16_store, grid_level, launch, quantize, round_to_bf16
 
 _BLOCK = 1024
@@ -123,6 +123,60 @@ def _dampening_kernel(w_ptr, g_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_gro
 
 
 @triton.jit
+def _estimator(g, x, s, SIGNED: tl.constexpr, MODE: tl.constexpr):
+    # SPEC §3's gradient of x for the incoming g: MODE 0 ste, 1 pwl, 2 mad (g * s / |x| outside)
+    if MODE == 0:
+        return g
+    if SIGNED:
+        a = tl.abs(x)
+        inside = a <= s
+        below = a < 0  # never
+    else:
+        a = x
+        inside = (x >= 0) & (x <= s)
+        below = x < 0
+    if MODE == 1:
+        return tl.where(inside, g, 0.0)
+    ratio = tl.math.div_rn(s, tl.where(inside | below, 1.0, a))
+    return tl.where(inside, g, tl.where(below, 0.0, g * ratio))
+
+
+@triton.jit
+def _lsq_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, part_ptr, n_groups, inner,
+                         group_len, n_blocks, L, lo, hi, SIGNED: tl.constexpr,
+                         MODE: tl.constexpr, FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Program (c, b): block b of group c: grad_x, and the float64 sum of the block's terms
+    grad * (n - v or n) of the learned scale's gradient (reference.fake_quantize_lsq_backward)."""
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // n_blocks
+    b = pid - c * n_blocks
+    j = b * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = j < group_len
+    o = j // inner
+    k = (o * n_groups + c) * inner + (j - o * inner)
+    g = tl.load(g_ptr + k, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + c)
+    out = _estimator(g, x, s, SIGNED, MODE)
+    live = valid
+    if FROZEN:
+        off = tl.load(frozen_ptr + k, mask=valid, other=0) != 0
+        out = tl.where(off, 0.0, out)
+        live = live & ~off
+    if ROUND_BF16:
+        out = round_to_bf16(out)
+    tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=valid)
+    step = tl.math.div_rn(s, L)
+    v = tl.math.div_rn(x, tl.where(step == 0, 1.0, step))
+    n = grid_level(x, tl.where(step == 0, 1.0, step), lo, hi)
+    d = tl.where((v >= lo) & (v <= hi), n - v, n)
+    term = g.to(tl.float64) * d.to(tl.float64)
+    term = tl.where(step == 0, 0.0, term)  # (a group of scale 0 gets no gradient)
+    tl.store(part_ptr + pid, tl.sum(tl.where(live, term, 0.0), axis=0))
+
+
+@triton.jit
 def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_groups,
                                    inner, SIGNED: tl.constexpr, MODE: tl.constexpr,
                                    FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -135,19 +189,7 @@ def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr,
     else:
         s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
         x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
-        if SIGNED:
-            a = tl.abs(x)
-            inside = a <= s
-            below = a < 0  # never
-        else:
-            a = x
-            inside = (x >= 0) & (x <= s)
-            below = x < 0
-        if MODE == 1:  # pwl
-            out = tl.where(inside, g, 0.0)
-        else:  # mad: g * s / |x| outside
-            ratio = tl.math.div_rn(s, tl.where(inside | below, 1.0, a))
-            out = tl.where(inside, g, tl.where(below, 0.0, g * ratio))
+        out = _estimator(g, x, s, SIGNED, MODE)
     if FROZEN:  # frozen weights get no gradient
         out = tl.where(tl.load(frozen_ptr + k, mask=valid, other=0) != 0, 0.0, out)
     if ROUND_BF16:
@@ -201,6 +243,31 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
         x.numel(), g.n_groups, g.inner, SIGNED=signed, MODE=GRADS.index(grad),
         FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
     return out
+
+
+def fake_quantize_lsq(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
+                      narrow=False, grad_scale=True):
+    return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
+
+
+def fake_quantize_lsq_backward(grad_out, x, scale, bits, signed=True, dim=None, group_size=None,
+                               grad="mad", narrow=False, grad_scale=True, frozen=None):
+    check_dtype(x)
+    g = groups(x, dim, group_size)
+    L, lo, hi = levels(bits, signed, narrow)
+    x = x.contiguous()
+    grad_out = grad_out.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    group_len = g.outer * g.inner
+    n_blocks = triton.cdiv(group_len, _BLOCK)
+    partial = torch.empty((g.n_groups, n_blocks), dtype=torch.float64, device=x.device)
+    launch(_lsq_backward_kernel, (g.n_groups * n_blocks,), x,
+           grad_out, x, out, scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, x),
+           partial, g.n_groups, g.inner, group_len, n_blocks, float(L), float(lo), float(hi),
+           SIGNED=signed, MODE=GRADS.index(grad), FROZEN=frozen is not None,
+           ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
+    coefficient = lsq_coefficient(group_len, bits, signed, narrow, grad_scale)
+    return out, (partial.sum(1) * coefficient).float().reshape(g.scale_shape)
 
 
 def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
