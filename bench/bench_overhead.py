@@ -97,8 +97,10 @@ class TorchFakeQuantLinear(nn.Module):
         w_step = (w.detach().abs().amax(1) / hi).clamp_min(1e-12)
         wq = torch.fake_quantize_per_channel_affine(
             w, w_step, torch.zeros(w.shape[0], dtype=torch.int32, device=w.device), 0, lo, hi)
-        x_step = float(x.detach().abs().max()) / hi or 1.0
-        xq = torch.fake_quantize_per_tensor_affine(x, x_step, 0, lo, hi)
+        # Tensor qparams: no host sync for the max (the overload PyTorch's FakeQuantize uses).
+        x_step = (x.detach().abs().amax() / hi).clamp_min(1e-12).reshape(1)
+        xq = torch.fake_quantize_per_tensor_affine(
+            x, x_step, torch.zeros(1, dtype=torch.int32, device=x.device), lo, hi)
         return nn.functional.linear(xq, wq, self.linear.bias)
 
 

@@ -281,5 +281,5 @@ def test_qat_lm_benchmark_quick():
     assert done.returncode == 0, done.stderr[-3000:]
     for row in ("| PTQ OCTAV + refine |", "| LSQ, OCTAV init |", "| max + STE |"):
         assert row in done.stdout
-    assert "convert_model gives the QAT model's bits per byte exactly" in done.stdout
+    assert "gives the QAT model's bits per byte exactly" in done.stdout
     assert "NO" not in done.stdout.split("exactly:")[-1]
