@@ -340,31 +340,31 @@ class Quantizer(OscillationTracking, nn.Module):
         if not self.check_finite:
             return
         seen = s if self.calibrator.propagates_nonfinite else x
-        self._check_flag(~torch.isfinite(seen).all(), self._nonfinite_error(""))
+        if not self._check_flag(torch.isfinite(seen).all()):
+            raise self._nonfinite_error("")
 
     def _check_learned(self) -> None:
         """A learned scale the optimizer drove to <= 0, NaN or inf is an error (lower the
         scales' learning rate)."""
-        if self.check_finite:
-            s = self.scale.detach()
-            self._check_flag(~(torch.isfinite(s) & (s > 0)).all(), ValueError(
-                f"{self.name}: the learned scale is not positive and finite (NaN or inf in the "
-                "input, or the optimizer drove it there)"))
+        s = self.scale.detach()
+        if self.check_finite and not self._check_flag((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"{self.name}: the learned scale is not positive and finite (NaN "
+                             "or inf in the input, or the optimizer drove it there)")
 
-    def _check_flag(self, bad: torch.Tensor, error: ValueError) -> None:
-        """Raise ``error`` if ``bad`` (a 0-dim bool tensor): at once on the CPU; on a GPU (no
-        host sync per step) recorded on the device and read at a check point."""
-        if bad.device.type not in self.deferred_check:
-            if bool(bad):
-                raise error
-            return
-        if self._nonfinite.device != bad.device:
-            self._nonfinite = torch.zeros((), dtype=torch.bool, device=bad.device)
-        self._nonfinite |= bad
+    def _check_flag(self, good: torch.Tensor) -> bool:
+        """Whether ``good`` (a 0-dim bool tensor) holds, at once on the CPU; on a GPU (no host
+        sync per step) it is recorded on the device, read at a check point, and this returns
+        True."""
+        if good.device.type not in self.deferred_check:
+            return bool(good)
+        if self._nonfinite.device != good.device:
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=good.device)
+        self._nonfinite |= ~good
         if not torch.compiler.is_compiling():
             self._unchecked += 1
             if self._unchecked >= self.check_every:
                 self.check_nonfinite()
+        return True
 
     def check_nonfinite(self) -> None:
         """Raise the ``ValueError`` of ``check_finite`` now if a scale this quantizer computed
