@@ -21,47 +21,66 @@ import octav_kernels as ok
 BITS = 4
 
 
-def interleaved(calls: dict, rounds: int, per_round: int) -> dict[str, float]:
+def interleaved(calls: dict, rounds: int, per_round: int,
+                sync=lambda: None) -> dict[str, float]:
     """Microseconds per call of each of ``calls``: the min over ``rounds`` rounds (each call
-    timed for ``per_round`` repetitions per round, the calls interleaved)."""
+    timed for ``per_round`` repetitions per round, the calls interleaved; ``sync`` waits for
+    the device before and after each timing)."""
     for fn in calls.values():  # warm-up (and the first forward of the quantizers)
         for _ in range(3):
             fn()
     best = {name: float("inf") for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
+            sync()
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - start) / per_round * 1e6)
     return best
 
 
-def op_calls(n: int) -> tuple[dict, dict]:
+def op_calls(n: int, device: str = "cpu") -> tuple[dict, dict]:
     """(forward calls, forward+backward calls) on an n x n fp32 weight, per channel."""
     torch.manual_seed(0)
-    w = torch.randn(n, n)
+    w = torch.randn(n, n, device=device)
     leaf = w.clone().requires_grad_()
-    g = torch.randn(n, n)
+    g = torch.randn(n, n, device=device)
     s = ok.octav_scale(w, BITS, dim=0)
+    learned = s.clone().requires_grad_()
     lo, hi = -(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1
     step = s / 2 ** (BITS - 1)  # torch's fake-quant on the same grid
-    zero = torch.zeros(n, dtype=torch.int32)
+    zero = torch.zeros(n, dtype=torch.int32, device=device)
     quantizer = ok.Quantizer(BITS, dim=0).train()
     quantizer(w)  # its first scale
+    lsq_quantizer = ok.Quantizer(BITS, dim=0, mode="learned").train()
+    lsq_quantizer(w)
+    state = ok.OscillationState.start(w, s, BITS, dim=0)
 
     def torch_fq(x):
         return torch.fake_quantize_per_channel_affine(x, step, zero, 0, lo, hi)
 
-    def backward(fn):
+    def lsq(x):
+        return ok.fake_quantize_lsq(x, learned, BITS, dim=0)
+
+    def tracked(x):
+        return ok.fake_quantize_tracked(x, s, BITS, state, dim=0)
+
+    def backward(fn, *leaves):
         def call():
-            leaf.grad = None
+            for t in (leaf, *leaves):
+                t.grad = None
             fn(leaf).backward(g)
         return call
 
     forward = {
         "torch.fake_quantize_per_channel_affine": lambda: torch_fq(w),
         "fake_quantize": lambda: ok.fake_quantize(w, s, BITS, dim=0),
+        "fake_quantize_lsq": lambda: lsq(w),
+        "fake_quantize_tracked": lambda: tracked(w),
+        "octav_scale (warm)": lambda: ok.octav_scale(w, BITS, dim=0, init=s),
+        "masked_sums": lambda: ok.masked_sums(w, s, dim=0),
         "octav_fake_quantize (warm)": lambda: ok.octav_fake_quantize(w, BITS, dim=0, init=s),
         "Quantizer (eval)": lambda: quantizer.eval()(w),
     }
@@ -70,9 +89,13 @@ def op_calls(n: int) -> tuple[dict, dict]:
         "fake_quantize (MAD)": backward(lambda x: ok.fake_quantize(x, s, BITS, dim=0)),
         "fake_quantize (PWL)": backward(lambda x: ok.fake_quantize(x, s, BITS, dim=0,
                                                                    grad="pwl")),
+        "fake_quantize_lsq (MAD, scale gradient)": backward(lsq, learned),
+        "fake_quantize_tracked (MAD)": backward(tracked),
         "octav_fake_quantize (warm, MAD)": backward(
             lambda x: ok.octav_fake_quantize(x, BITS, dim=0, init=s)[0]),
         "Quantizer (training, dynamic OCTAV)": backward(lambda x: quantizer.train()(x)),
+        "Quantizer (training, learned scale)": backward(lambda x: lsq_quantizer.train()(x),
+                                                        lsq_quantizer.scale),
     }
     return forward, both
 
@@ -121,6 +144,8 @@ def step_calls(d: int, tokens: tuple[int, int]) -> dict:
         "torch fake-quant, max scales": torch_qat(transformer(d)),
         "octav_kernels, dynamic OCTAV": ok.quantize_model(transformer(d), BITS,
                                                           first_last_bits=None),
+        "octav_kernels, dynamic OCTAV + refine": ok.quantize_model(
+            transformer(d), BITS, first_last_bits=None, calibrator="octav:refine"),
         "octav_kernels, static scales": ok.quantize_model(transformer(d), BITS,
                                                           first_last_bits=None, mode="static"),
     }
@@ -163,26 +188,34 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (a 64x64 weight and the transformer step) or cuda (a "
+                             "256x256 weight, 64K elements)")
     parser.add_argument("--quick", action="store_true", help="a few rounds (the tests' run)")
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else args.rounds
     per_round = 20 if args.quick else 200
-    command = "python bench/bench_overhead.py" + (f" --out {args.out}" if args.out else "")
+    command = "python bench/bench_overhead.py" + (
+        f" --device {args.device}" if args.device != "cpu" else "") + (
+        f" --out {args.out}" if args.out else "")
     lines = header(command) + [""]
-    lines += [f"### Per call, {BITS}-bit per-channel fake-quant of a 64x64 fp32 weight "
-              f"(min over {rounds} interleaved rounds of {per_round} calls)", ""]
-    forward, both = op_calls(64)
-    lines += table("forward", interleaved(forward, rounds, per_round),
+    n = 64 if args.device == "cpu" else 256
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    lines += [f"### Per call, {BITS}-bit per-channel fake-quant of a {n}x{n} fp32 weight on "
+              f"{args.device} (min over {rounds} interleaved rounds of {per_round} calls)", ""]
+    forward, both = op_calls(n, args.device)
+    lines += table("forward", interleaved(forward, rounds, per_round, sync),
                    "torch.fake_quantize_per_channel_affine")
-    lines += table("forward + backward", interleaved(both, rounds, per_round),
+    lines += table("forward + backward", interleaved(both, rounds, per_round, sync),
                    "torch.fake_quantize_per_channel_affine")
-    for d in ((128,) if args.quick else (128, 384)):
-        steps = step_calls(d, (4, 64))
-        times = interleaved(steps, max(2, rounds // 3), max(2, per_round // 40))
-        lines += [f"### A QAT training step of a 4-block transformer, d={d}, 4x64 tokens "
-                  f"(every Linear quantized at {BITS} bits: weights per channel, inputs per "
-                  "tensor; SGD step included)", ""]
-        lines += table(f"d={d}", times, "fp32", unit="ms")
+    if args.device == "cpu":
+        for d in ((128,) if args.quick else (128, 384)):
+            steps = step_calls(d, (4, 64))
+            times = interleaved(steps, max(2, rounds // 3), max(2, per_round // 40))
+            lines += [f"### A QAT training step of a 4-block transformer, d={d}, 4x64 tokens "
+                      f"(every Linear quantized at {BITS} bits: weights per channel, inputs "
+                      "per tensor; SGD step included)", ""]
+            lines += table(f"d={d}", times, "fp32", unit="ms")
     emit(lines, args.out)
 
 

@@ -17,6 +17,8 @@ Scale modes (``mode=``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -155,6 +157,9 @@ class Quantizer(OscillationTracking, nn.Module):
         return self.scale.numel() > 0 or self.scale.dim() == 0
 
     def _set_scale(self, s: torch.Tensor) -> None:
+        if self.mode != "learned" and self.scale.shape == s.shape:
+            self.scale.copy_(s.detach())  # (the per-step path: a buffer, no autograd to stop)
+            return
         with torch.no_grad():
             if self.scale.shape == s.shape:
                 self.scale.copy_(s)
@@ -337,26 +342,31 @@ class Quantizer(OscillationTracking, nn.Module):
                           "scale is not finite")
 
     def _check(self, s, x) -> None:
-        if not self.check_finite:
-            return
         seen = s if self.calibrator.propagates_nonfinite else x
-        if not self._check_flag(torch.isfinite(seen).all()):
+        if self.check_finite and not self._all_finite(seen):
             raise self._nonfinite_error("")
 
     def _check_learned(self) -> None:
         """A learned scale the optimizer drove to <= 0, NaN or inf is an error (lower the
         scales' learning rate)."""
-        s = self.scale.detach()
-        if self.check_finite and not self._check_flag((torch.isfinite(s) & (s > 0)).all()):
+        if self.check_finite and not self._all_finite(self.scale.detach(), positive=True):
             raise ValueError(f"{self.name}: the learned scale is not positive and finite (NaN "
                              "or inf in the input, or the optimizer drove it there)")
 
-    def _check_flag(self, good: torch.Tensor) -> bool:
-        """Whether ``good`` (a 0-dim bool tensor) holds, at once on the CPU; on a GPU (no host
-        sync per step) it is recorded on the device, read at a check point, and this returns
-        True."""
-        if good.device.type not in self.deferred_check:
-            return bool(good)
+    def _all_finite(self, t: torch.Tensor, positive: bool = False) -> bool:
+        """Whether every element of ``t`` is finite (and > 0 if ``positive``): at once on the
+        CPU, from its min and max (NaN propagates into both; one reduction, cheaper than
+        ``isfinite(t).all()``); on a GPU (no host sync per step) it is recorded on the device,
+        read at a check point, and this returns True."""
+        if t.numel() == 0:
+            return True
+        if t.device.type not in self.deferred_check:
+            lo, hi = torch.aminmax(t)
+            lo, hi = float(lo), float(hi)
+            return (lo > 0 if positive else lo > -math.inf) and hi < math.inf
+        good = torch.isfinite(t).all()
+        if positive:
+            good &= (t > 0).all()
         if self._nonfinite.device != good.device:
             self._nonfinite = torch.zeros((), dtype=torch.bool, device=good.device)
         self._nonfinite |= ~good

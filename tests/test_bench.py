@@ -1,4 +1,5 @@
-"""bench/bench_gpu.py runs end to end: on the CPU (C++ kernels), in its --quick mode."""
+"""The benchmark scripts run end to end in their --quick modes: bench/bench_gpu.py on the CPU
+(C++ kernels), bench/bench_overhead.py."""
 
 import os
 import subprocess
@@ -27,3 +28,21 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert "| torch.compile(naive loop) | skipped (--quick) |" in text
     assert "### Targets (issue 9)" in text
     assert sum(row.startswith("| cpu |") for row in rows) == 6  # one row per target
+
+
+def test_bench_overhead_quick(tmp_path):
+    out = tmp_path / "t.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/bench_overhead.py", "--quick", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")]
+    times = {}
+    for row in rows:
+        if row[1].strip() != "call":
+            times.setdefault(row[1].strip(), []).append(float(row[2]))
+    for name in ("fake_quantize_lsq (MAD, scale gradient)", "Quantizer (training, learned scale)",
+                 "masked_sums", "octav_kernels, dynamic OCTAV + refine", "fp32"):
+        assert name in times, name
+    assert all(t > 0 for ts in times.values() for t in ts)
