@@ -20,6 +20,8 @@ Providers, all timed on the same tensor in one run; ``[b]`` is one row per backe
 - ``fake_quantize fixed[b]``: ``ok.fake_quantize(x, s, 4, dim=dim)`` with a precomputed scale;
 - ``MAD backward[b]``, ``PWL backward[b]``: ``torch.ops.octav.fake_quantize_backward`` (grad_x
   from a fixed grad and x);
+- ``LSQ backward[b]``: ``torch.ops.octav.fake_quantize_lsq_backward`` (grad_x with MAD and the
+  learned scale's gradient, reduced per group in the same pass);
 - ``octav_fake_quantize fwd+bwd MAD[b]``: ``y, _ = ok.octav_fake_quantize(x, 4, dim=dim)`` and
   ``y.backward(g)`` through autograd;
 - ``torch fake_quant``: ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` with
@@ -170,6 +172,9 @@ def backend_providers(name: str, x: torch.Tensor, g: torch.Tensor, scale: torch.
             Provider(lambda: ok.fake_quantize(x, scale, BITS, dim=dim), 2, name),
         f"MAD backward[{name}]": Provider(backward("mad"), 3, name),
         f"PWL backward[{name}]": Provider(backward("pwl"), 3, name),
+        f"LSQ backward[{name}]": Provider(
+            lambda: torch.ops.octav.fake_quantize_lsq_backward(g, x, scale, BITS, True, dim),
+            3, name),
         f"octav_fake_quantize fwd+bwd MAD[{name}]": Provider(forward_backward, 5, name),
     }
 

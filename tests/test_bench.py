@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ["octav_fake_quantize[cpu]", "octav_fake_quantize warm[cpu]",
              "fake_quantize fixed[cpu]", "MAD backward[cpu]", "PWL backward[cpu]",
+             "LSQ backward[cpu]",
              "octav_fake_quantize fwd+bwd MAD[cpu]", "torch fake_quant",
              "naive torch OCTAV (10 it) + torch fq", "copy (D2D)"]
 
