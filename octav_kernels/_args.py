@@ -47,6 +47,12 @@ def check_int(value: object, name: str) -> int:
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_bits(bits: object) -> int:
     check_int(bits, "bits")
     if not 2 <= bits <= 16:
@@ -95,8 +101,7 @@ def check_types(x, bits=None, dim=None, group_size=None, flags=(), tensors=()) -
         if value is not None:
             check_int(value, name)
     for name, value in flags:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        check_bool(value, name)
     for name, value in tensors:
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

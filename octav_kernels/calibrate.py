@@ -140,9 +140,8 @@ class OctavCalibrator(Calibrator):
 
     def __init__(self, max_iters: int = 32, rtol: float = 1e-6, refine: bool = False):
         _args.check_iteration(max_iters, rtol)
-        if not isinstance(refine, bool):
-            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
-        self.max_iters, self.rtol, self.refine = max_iters, rtol, refine
+        self.max_iters, self.rtol = max_iters, rtol
+        self.refine = _args.check_bool(refine, "refine")
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
                  init=None):

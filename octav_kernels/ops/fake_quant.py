@@ -182,8 +182,7 @@ define("_pwl_backward_packed(Tensor grad_out, Tensor mask) -> Tensor", _pwl_back
 
 def _check_lsq(x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale):
     g, scale = _check_fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
-    if not isinstance(grad_scale, bool):
-        raise TypeError(f"grad_scale must be a bool, got {type(grad_scale).__name__}")
+    _args.check_bool(grad_scale, "grad_scale")
     return g, scale
 
 

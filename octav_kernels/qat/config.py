@@ -80,9 +80,7 @@ class QuantConfig:
         if _args.check_int(self.every, "every") < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
         for name in ("narrow", "quantize_input", "grad_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got "
-                                f"{type(getattr(self, name)).__name__}")
+            _args.check_bool(getattr(self, name), name)
 
     @classmethod
     def of(cls, config: QuantConfig | None = None, **fields) -> QuantConfig:

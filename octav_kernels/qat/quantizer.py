@@ -132,9 +132,7 @@ class Quantizer(OscillationTracking, nn.Module):
         self._calibration: tuple[torch.Tensor, int] | None = None
         self._scale_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read
-        if not isinstance(grad_scale, bool):
-            raise TypeError(f"grad_scale must be a bool, got {type(grad_scale).__name__}")
-        self.grad_scale = grad_scale
+        self.grad_scale = _args.check_bool(grad_scale, "grad_scale")
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         self._learned_set = False  # learned mode: whether the Parameter holds a scale yet
@@ -157,20 +155,20 @@ class Quantizer(OscillationTracking, nn.Module):
         return self.scale.numel() > 0 or self.scale.dim() == 0
 
     def _set_scale(self, s: torch.Tensor) -> None:
-        if self.mode != "learned" and self.scale.shape == s.shape:
-            self.scale.copy_(s.detach())  # (the per-step path: a buffer, no autograd to stop)
+        if self.mode != "learned":  # a buffer: no autograd to stop (the per-step path)
+            if self.scale.shape == s.shape:
+                self.scale.copy_(s.detach())
+            else:
+                self.scale = s.detach().to(torch.float32, copy=True)
             return
         with torch.no_grad():
             if self.scale.shape == s.shape:
                 self.scale.copy_(s)
-            elif self.mode == "learned":  # the Parameter of a shape known only now
+            else:  # the Parameter of a shape known only now
                 self._buffers.pop("scale", None)
                 self.scale = nn.Parameter(s.detach().to(torch.float32, copy=True))
-            else:
-                self.scale = s.detach().to(torch.float32, copy=True)
-            if self.mode == "learned":
-                self.scale_set.fill_(True)
-                self._learned_set = True
+        self.scale_set.fill_(True)
+        self._learned_set = True
 
     def get_extra_state(self) -> dict:
         return {"signed": self.signed, "momentum": self.momentum}
