@@ -73,6 +73,10 @@ def check_narrow(narrow: bool, signed: bool) -> None:
 
 # The largest max_iters any backend accepts (the recursion converges in tens of steps).
 MAX_ITERS = 1 << 16
+# The OCTAV iteration's defaults (SPEC §2), written once for every schema, calibrator and
+# wrapper; csrc/args.h holds the C++ side's (kDefaultMaxIters, kDefaultRtol).
+DEFAULT_MAX_ITERS = 32
+DEFAULT_RTOL = 1e-6
 
 
 def check_iteration_types(max_iters: object, rtol: object) -> None:
@@ -232,6 +236,48 @@ def octav_constant(bits: int, signed: bool, narrow: bool) -> float:
     1/(12 (2**(B-1)-1)**2) narrow."""
     L = levels(bits, signed, narrow)[0]
     return 1.0 / (12.0 * L * L)
+
+
+def as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
+    """``x`` as a ``[n_groups, group_len]`` matrix, one group per row (a view where it can)."""
+    if dim is not None:
+        return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+    if group_size is not None:
+        return x.reshape(-1, group_size)
+    return x.reshape(1, -1)
+
+
+def positive_max(rows: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The largest positive magnitude of each row, float32 ``[n_rows]``: |x| signed, x unsigned
+    with -inf counting as +inf (so every non-finite entry reaches the result, SPEC §6); 0 where
+    no entry is positive or the row is empty; NaN propagates."""
+    a = rows.float()
+    a = a.abs() if signed else torch.where(torch.isinf(a), torch.inf, a)
+    if a.shape[1] == 0:
+        return torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+    return a.clamp_min(0).amax(1)  # clamp_min and amax propagate NaN
+
+
+# The refinement search (SPEC §8): exact formulas every backend shares, like ``levels``.
+REFINE_COARSE = 6  # candidates of the coarse pass
+REFINE_ROUNDS = (4, 4, 2)  # candidates of each narrowing pass
+REFINE_SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
+
+
+def cube_root(y):
+    """``y ** (1/3)`` for float64 ``y >= 1`` (a Python float or a tensor) from square roots,
+    products and quotients only, so every backend forms it bit for bit (``pow`` differs between
+    implementations in the last bit): the start ``y ** (21/64)`` from repeated square roots,
+    then 6 Newton steps. Within an ulp of the cube root for y up to ~1e40; beyond (a start far
+    below max|x|) an approximation, still the same on every backend. (csrc/cpu/refine.cpp and
+    csrc/cuda/refine.cu write the same steps in C++.)"""
+    sqrt = torch.sqrt if isinstance(y, torch.Tensor) else math.sqrt
+    r4 = sqrt(sqrt(y))
+    r16 = sqrt(sqrt(r4))
+    t = r4 * r16 * sqrt(sqrt(r16))
+    for _ in range(6):
+        t = (t + t + y / (t * t)) * (1.0 / 3.0)
+    return t
 
 
 def lsq_coefficient(group_len: int, bits: int, signed: bool, narrow: bool,

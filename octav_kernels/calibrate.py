@@ -14,34 +14,18 @@ from . import _args
 from .ops import fake_quantize, octav_scale
 
 
-def _as_rows(x: torch.Tensor, g: _args.Groups) -> torch.Tensor:
-    """``x`` as ``[n_groups, group_len]``, one group per row."""
-    if g.dim is not None:
-        return x.movedim(g.dim, 0).reshape(g.n_groups, -1)
-    return x.reshape(g.n_groups, -1)
-
-
 def _rows(x, dim, group_size):
     """The granularity of ``x`` and ``x`` as float32 ``[n_groups, group_len]`` rows."""
     g = _args.groups(_args.check_x(x), dim, group_size)
-    return g, _as_rows(x, g).float()
-
-
-def _magnitudes(rows, signed):
-    return rows.abs() if signed else rows.clamp_min(0)
-
-
-def _row_max(g, a):
-    if a.shape[1] == 0:
-        return torch.zeros(g.scale_shape, dtype=torch.float32, device=a.device)
-    return a.amax(1).reshape(g.scale_shape)
+    return g, _args.as_rows(x, g.dim, g.group_size).float()
 
 
 def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None,
               group_size: int | None = None) -> torch.Tensor:
-    """``s = max|x|`` per group (``max(x, 0)`` unsigned); 0 for empty groups."""
+    """``s = max|x|`` per group (``max(x, 0)`` unsigned, where -inf counts as +inf so that
+    every NaN/inf reaches the scale); 0 for empty groups."""
     g, rows = _rows(x, dim, group_size)
-    return _row_max(g, _magnitudes(rows, signed))
+    return _args.positive_max(rows, signed).reshape(g.scale_shape)
 
 
 def percentile_scale(x: torch.Tensor, percentile: float = 99.99, *, signed: bool = True,
@@ -50,7 +34,7 @@ def percentile_scale(x: torch.Tensor, percentile: float = 99.99, *, signed: bool
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     g, rows = _rows(x, dim, group_size)
-    a = _magnitudes(rows, signed)
+    a = rows.abs() if signed else rows.clamp_min(0)
     n = a.shape[1]
     if n == 0:
         return torch.zeros(g.scale_shape, dtype=torch.float32, device=x.device)
@@ -66,7 +50,7 @@ def quantization_mse(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed:
                       narrow=narrow)
     g = _args.groups(x, dim, group_size)
     err = (q.double() - x.double()).square()
-    return _as_rows(err, g).mean(1).reshape(g.scale_shape)
+    return _args.as_rows(err, g.dim, g.group_size).mean(1).reshape(g.scale_shape)
 
 
 def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
@@ -78,7 +62,7 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     _args.check_bits(bits)
     _args.check_narrow(narrow, signed)
     g, rows = _rows(x, dim, group_size)
-    s_max = _row_max(g, _magnitudes(rows, signed))
+    s_max = _args.positive_max(rows, signed).reshape(g.scale_shape)
     if rows.numel() == 0:
         return s_max
     L, lo, hi = _args.levels(bits, signed, narrow)
@@ -138,7 +122,8 @@ class OctavCalibrator(Calibrator):
 
     name = "octav"
 
-    def __init__(self, max_iters: int = 32, rtol: float = 1e-6, refine: bool = False):
+    def __init__(self, max_iters: int = _args.DEFAULT_MAX_ITERS,
+                 rtol: float = _args.DEFAULT_RTOL, refine: bool = False):
         _args.check_iteration(max_iters, rtol)
         self.max_iters, self.rtol = max_iters, rtol
         self.refine = _args.check_bool(refine, "refine")
@@ -152,7 +137,8 @@ class OctavCalibrator(Calibrator):
     @property
     def is_default(self) -> bool:
         """True when the fused ``octav_fake_quantize`` (default iteration) computes this rule."""
-        return self.max_iters == 32 and self.rtol == 1e-6 and not self.refine
+        return (self.max_iters == _args.DEFAULT_MAX_ITERS and self.rtol == _args.DEFAULT_RTOL
+                and not self.refine)
 
     def __repr__(self) -> str:
         return (f"OctavCalibrator(max_iters={self.max_iters}, rtol={self.rtol}, "

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from . import _args, drivers, ops
-from .calibrate import max_scale as local_max_scale
 
 __all__ = ["octav_scale", "max_scale", "all_reduce_mean", "all_reduce_max"]
 
@@ -39,7 +38,8 @@ def _check_group(group):
 
 def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                 group_size: int | None = None, init: torch.Tensor | None = None,
-                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False, group=None,
+                max_iters: int = _args.DEFAULT_MAX_ITERS, rtol: float = _args.DEFAULT_RTOL,
+                narrow: bool = False, group=None,
                 return_all_reduces: bool = False):
     """``octav_kernels.octav_scale`` of the data of all ranks of ``group`` (default: the world),
     float32, identical on every rank. ``return_all_reduces=True`` also returns the number of
@@ -81,7 +81,7 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
             nxt = torch.where(n_out == 0, global_max(), nxt)
         return nxt.float().double()
 
-    if init is None and g.n_groups == 1 and max_iters >= 16 and rtol <= 1e-6:
+    if init is None and g.n_groups == 1 and max_iters >= 16 and rtol <= _args.DEFAULT_RTOL:
         start = _histogram_start(x, signed, c, group)
         calls += 1
         if start is not None:
@@ -149,7 +149,8 @@ def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, g
               ) -> torch.Tensor:
     """The max baseline (SPEC §7) over all ranks: ``octav_kernels.max_scale`` of the
     concatenated data (the largest magnitude per group), float32. One max-reduce."""
-    local = local_max_scale(x, signed=signed, dim=dim)
+    g = _args.groups(_args.check_x(x), dim, None)
+    local = _args.positive_max(_args.as_rows(x, g.dim, None), signed).reshape(g.scale_shape)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=_check_group(group))
     return local
 

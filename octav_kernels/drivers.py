@@ -15,7 +15,16 @@ from collections.abc import Callable
 
 import torch
 
-from ._args import groups, transposed_for_kernels
+from ._args import (
+    REFINE_COARSE,
+    REFINE_ROUNDS,
+    REFINE_SPREAD,
+    as_rows,
+    cube_root,
+    groups,
+    positive_max,
+    transposed_for_kernels,
+)
 
 
 def fixed_point(step: Callable[[torch.Tensor], torch.Tensor], n_groups: int,
@@ -48,32 +57,6 @@ def fixed_point(step: Callable[[torch.Tensor], torch.Tensor], n_groups: int,
     return s
 
 
-# The refinement search (SPEC §8). Its constants are the definition's (reference.refine_scale).
-COARSE = 6  # candidates of the coarse pass
-ROUNDS = (4, 4, 2)  # candidates of each narrowing pass
-SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
-
-
-def _cube_root(y: torch.Tensor) -> torch.Tensor:
-    """y ** (1/3) for float64 y >= 1 as the definition forms it (reference.cube_root): the start
-    y ** (21/64) from square roots, then 6 Newton steps; bit for bit on every device."""
-    r4 = y.sqrt().sqrt()
-    r16 = r4.sqrt().sqrt()
-    t = r4 * r16 * r16.sqrt().sqrt()
-    third = torch.full_like(y, 1.0 / 3.0)
-    for _ in range(6):
-        t = (t + t + y / (t * t)) * third
-    return t
-
-
-def _positive_max(rows: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The largest positive magnitude of each row, float32 (|x| signed; x unsigned with -inf
-    counting as +inf; 0 where none is positive; NaN propagates)."""
-    a = rows.float()
-    a = a.abs() if signed else torch.where(a == float("-inf"), float("inf"), a)
-    return a.clamp_min(0).amax(1)
-
-
 def refine_search(sse: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor,
                   a_max: torch.Tensor) -> torch.Tensor:
     """The search of ``reference.refine_scale`` for all groups at once: ``sse`` maps float32
@@ -86,18 +69,19 @@ def refine_search(sse: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tens
     start = torch.where(ok, start, 1.0)
     top = torch.where(ok, m, 1.0)
     # Quotients by tensors, not Python numbers (CUDA multiplies by the reciprocal of those).
-    low = start / torch.full_like(start, SPREAD)
-    ratio = _cube_root(torch.maximum(top, start * SPREAD) / low)
+    low = start / torch.full_like(start, REFINE_SPREAD)
+    ratio = cube_root(torch.maximum(top, start * REFINE_SPREAD) / low)
     points = [low]
-    for _ in range(COARSE - 3):  # low * ratio**j by repeated products, as the definition
+    for _ in range(REFINE_COARSE - 3):  # low * ratio**j by repeated products, as the definition
         points.append(points[-1] * ratio)
     cand = torch.stack(points + [start, top], 1).float().sort(1).values
     best_err, idx = sse(cand).min(1)  # the first of exact ties
-    at = cand.gather(1, torch.stack([idx - 1, idx, idx + 1], 1).clamp(0, COARSE - 1)).double()
+    around = torch.stack([idx - 1, idx, idx + 1], 1).clamp(0, REFINE_COARSE - 1)
+    at = cand.gather(1, around).double()
     best = at[:, 1]
     lower = torch.where(idx > 0, at[:, 0], best / ratio)
-    upper = torch.where(idx < COARSE - 1, at[:, 2], best * ratio)
-    for K in ROUNDS:
+    upper = torch.where(idx < REFINE_COARSE - 1, at[:, 2], best * ratio)
+    for K in REFINE_ROUNDS:
         width = (upper - lower) / torch.full_like(upper, K + 1.0)
         offsets = torch.arange(1, K + 1, dtype=torch.float64, device=m.device)
         cand = (lower[:, None] + width[:, None] * offsets).float()
@@ -117,10 +101,8 @@ def refine_scale(candidate_sse: Callable, x, scale, bits, signed=True, dim=None,
     g = groups(x, dim, group_size)
     if transposed_for_kernels(g):
         x, dim = x.movedim(g.dim, 0).contiguous(), 0
-    rows = x.movedim(dim, 0).reshape(x.shape[dim], -1) if dim is not None else (
-        x.reshape(-1, group_size) if group_size is not None else x.reshape(1, -1))
-
     def sse(cand):
         return candidate_sse(x, cand, bits, signed, dim, group_size, narrow)
 
-    return refine_search(sse, scale, _positive_max(rows, signed)).reshape(scale.shape)
+    a_max = positive_max(as_rows(x, dim, group_size), signed)
+    return refine_search(sse, scale, a_max).reshape(scale.shape)

@@ -18,16 +18,19 @@ import math
 
 import torch
 
-from ._args import levels, lsq_coefficient, octav_constant
-
-
-def _as_rows(x: torch.Tensor, dim: int | None, group_size: int | None) -> torch.Tensor:
-    """``x`` as a ``[n_groups, group_len]`` matrix, one OCTAV group per row."""
-    if dim is not None:
-        return x.movedim(dim, 0).reshape(x.shape[dim], -1)
-    if group_size is not None:
-        return x.reshape(-1, group_size)
-    return x.reshape(1, -1)
+from ._args import (
+    DEFAULT_MAX_ITERS,
+    DEFAULT_RTOL,
+    REFINE_COARSE,
+    REFINE_ROUNDS,
+    REFINE_SPREAD,
+    as_rows,
+    cube_root,
+    levels,
+    lsq_coefficient,
+    octav_constant,
+    positive_max,
+)
 
 
 def _broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int | None, group_size: int | None):
@@ -66,14 +69,15 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
     """One pass of the OCTAV statistics per group at the given scale (SPEC §2):
     ``S_out = sum(a * 1{a > s})``, ``n_in = #{0 < a <= s}``, ``n_out = #{a > s}`` with
     ``a = |x|`` (signed) or ``x`` (unsigned)."""
-    a = magnitudes(_as_rows(x, dim, group_size), signed)
+    a = magnitudes(as_rows(x, dim, group_size), signed)
     s_out, n_in, n_out = _row_sums(a, scale.double().reshape(-1))
     shape = scale.shape
     return s_out.float().reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
 
 
-def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
-                rtol=1e-6, narrow=False, *, return_iterations=False):
+def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None,
+                max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False, *,
+                return_iterations=False):
     """MSE-optimal clipping scale by the OCTAV fixed point, per group (SPEC §2)::
 
         s_next = S_out / (c * n_in + n_out),   c = 1 / (12 L**2)  (4**-B/3 signed)
@@ -86,7 +90,7 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     number of steps each group took after its start (int64, the scale's shape): the passes
     over the data a warm start saves.
     """
-    a = magnitudes(_as_rows(x, dim, group_size), signed)
+    a = magnitudes(as_rows(x, dim, group_size), signed)
     c = octav_constant(bits, signed, narrow)
     a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
     if a.shape[1] > 0:
@@ -122,35 +126,14 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_
     return s.float().reshape(shape)
 
 
-# Refinement against the empirical MSE (SPEC §8): a bracketing search over candidate scales.
-REFINE_COARSE = 6  # candidates of the coarse pass
-REFINE_ROUNDS = (4, 4, 2)  # candidates of each narrowing pass
-REFINE_SPREAD = 1.25  # the coarse grid reaches at least this factor below and above the start
-
-
-def cube_root(y):
-    """``y ** (1/3)`` for float64 ``y >= 1`` (a Python float or a tensor) from square roots,
-    products and quotients only, so every backend forms it bit for bit (``pow`` differs between
-    implementations in the last bit): the start ``y ** (21/64)`` from repeated square roots,
-    then 6 Newton steps. Within an ulp of the cube root for y up to ~1e40; beyond (a start far
-    below max|x|) an approximation, still the same on every backend."""
-    sqrt = torch.sqrt if isinstance(y, torch.Tensor) else math.sqrt
-    r4 = sqrt(sqrt(y))
-    r16 = sqrt(sqrt(r4))
-    t = r4 * r16 * sqrt(sqrt(r16))
-    for _ in range(6):
-        t = (t + t + y / (t * t)) * (1.0 / 3.0)
-    return t
+# Refinement against the empirical MSE (SPEC §8): a bracketing search over candidate scales
+# (its constants and cube_root are in _args: exact formulas every backend shares).
 
 
 def max_magnitude(x, signed=True, dim=None, group_size=None):
     """The largest positive magnitude per group, float32 (``magnitudes``' rules: |x| signed, x
     unsigned with -inf as +inf; 0 when no entry is positive; NaN propagates)."""
-    a = _as_rows(x, dim, group_size).float()
-    a = a.abs() if signed else torch.where(torch.isinf(a), torch.inf, a)
-    if a.shape[1] == 0:
-        return torch.zeros(a.shape[0], dtype=torch.float32, device=x.device)
-    return a.clamp_min(0).amax(1)  # clamp_min and amax propagate NaN
+    return positive_max(as_rows(x, dim, group_size), signed)
 
 
 def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
@@ -161,7 +144,7 @@ def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=
     difference ``q - x`` and its square are taken in float64, so each term is the same on every
     backend and only the order of the float64 sum differs."""
     L, lo, hi = levels(bits, signed, narrow)
-    rows = _as_rows(x, dim, group_size).float()
+    rows = as_rows(x, dim, group_size).float()
     exact = rows.double()
     divisor = torch.tensor(L, dtype=torch.float32, device=x.device)
     out = torch.empty(cand.shape, dtype=torch.float64, device=x.device)
@@ -224,7 +207,7 @@ def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=
     (max scaling). Groups with a NaN or inf ``m`` return ``m`` (SPEC §6); groups with nothing
     positive return 0.
     """
-    rows = _as_rows(x, dim, group_size)
+    rows = as_rows(x, dim, group_size)
     starts = scale.double().reshape(-1).tolist()
     tops = max_magnitude(x, signed, dim, group_size).double().tolist()
     refined = []
@@ -341,7 +324,7 @@ def fake_quantize_lsq_backward(grad_out, x, scale, bits, signed=True, dim=None, 
     term = torch.where(step == 0, zero, term)
     if frozen is not None:
         term = torch.where(frozen, zero, term)
-    rows = _as_rows(term, dim, group_size)
+    rows = as_rows(term, dim, group_size)
     coefficient = lsq_coefficient(rows.shape[1], bits, signed, narrow, grad_scale)
     return grad_x, (rows.sum(1) * coefficient).float().reshape(scale.shape)
 

@@ -42,6 +42,22 @@ def test_max_calibrator(gran, signed):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_max_scale_reaches_every_nonfinite_entry(value, signed):
+    """SPEC §6: a NaN/inf entry makes its group's scale non-finite, -inf on an unsigned grid
+    included (it counts as +inf, as OCTAV's magnitudes do), so a quantizer checking the scale
+    sees it; the other groups keep their max."""
+    x = make_data(SHAPE, signed=signed, seed=2)
+    x[1, 2, 3] = value
+    got = ok.max_scale(x, signed=signed, dim=0)
+    assert not math.isfinite(got[1].item())
+    others = torch.cat([got[:1], got[2:]])
+    expected = [magnitudes(r, signed).max().item() for i, r in enumerate(rows_of(x, dim=0))
+                if i != 1]
+    assert others.tolist() == expected
+
+
 @pytest.mark.parametrize("gran", GRANULARITIES)
 @pytest.mark.parametrize("percentile", [50.0, 99.9, 99.99, 100.0])
 def test_percentile_calibrator_is_nearest_rank(gran, percentile):

@@ -28,7 +28,7 @@ from conftest import (
 from torch import nn
 
 import octav_kernels as ok
-from octav_kernels import reference, use_backend
+from octav_kernels import _args, reference, use_backend
 
 
 def lsq_grads(name, x, scale, bits, grad_out, **kw):
@@ -51,7 +51,7 @@ def assert_scale_grad_close(got, expected, x, scale, bits, grad_out, **kw):
     L = ok._args.levels(bits, kw.get("signed", True), kw.get("narrow", False))[0]
     step = reference.grid_step(scale, x, g.dim, g.group_size, L).double()
     bound_terms = grad_out.double().abs() * ((x.double().abs() / step).nan_to_num(0) + L)
-    rows = reference._as_rows(bound_terms, g.dim, g.group_size).sum(1).reshape(scale.shape)
+    rows = _args.as_rows(bound_terms, g.dim, g.group_size).sum(1).reshape(scale.shape)
     coefficient = ok._args.lsq_coefficient(n, bits, kw.get("signed", True),
                                            kw.get("narrow", False), True)
     tol = n * 2.0**-53 * rows * coefficient + expected.double().abs() * 2.0**-23

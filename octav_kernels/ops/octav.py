@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _args
+from .._args import DEFAULT_MAX_ITERS, DEFAULT_RTOL
 from ._library import define
 from .fake_quant import _empty_like, _empty_mask, fake_quantize, grad_x, save_for_grad
 
@@ -30,8 +31,8 @@ def _check_scale_op(x, bits, signed, dim, group_size, init, max_iters, rtol, nar
 
 
 def _octav_scale_kernel(impl):
-    def kernel(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
-               rtol=1e-6, narrow=False):
+    def kernel(x, bits, signed=True, dim=None, group_size=None, init=None,
+               max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False):
         g, init = _check_scale_op(x, bits, signed, dim, group_size, init, max_iters, rtol,
                                   narrow)
         if x.numel() == 0:
@@ -40,14 +41,15 @@ def _octav_scale_kernel(impl):
     return kernel
 
 
-def _octav_scale_fake(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
-                      rtol=1e-6, narrow=False):
+def _octav_scale_fake(x, bits, signed=True, dim=None, group_size=None, init=None,
+                      max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False):
     g, _ = _check_scale_op(x, bits, signed, dim, group_size, init, max_iters, rtol, narrow)
     return _new_scale(x, g)
 
 
 define("octav_scale(Tensor x, int bits, bool signed=True, int? dim=None, int? group_size=None, "
-       "Tensor? init=None, int max_iters=32, float rtol=1e-6, bool narrow=False) -> Tensor",
+       f"Tensor? init=None, int max_iters={DEFAULT_MAX_ITERS}, float rtol={DEFAULT_RTOL}, "
+       "bool narrow=False) -> Tensor",
        _octav_scale_kernel, _octav_scale_fake)
 
 
@@ -144,8 +146,8 @@ define("_octav_fake_quantize_packed(Tensor x, int bits, bool signed=True, int? d
 
 def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                 group_size: int | None = None, init: torch.Tensor | None = None,
-                max_iters: int = 32, rtol: float = 1e-6, narrow: bool = False,
-                refine: bool = False) -> torch.Tensor:
+                max_iters: int = DEFAULT_MAX_ITERS, rtol: float = DEFAULT_RTOL,
+                narrow: bool = False, refine: bool = False) -> torch.Tensor:
     """MSE-optimal clipping scale of ``x`` by the OCTAV fixed point (SPEC §2), float32.
 
     Per group (whole tensor; ``dim=d``: one per index along d; ``group_size=G``: blocks of G

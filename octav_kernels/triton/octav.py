@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import groups, octav_constant
+from .._args import DEFAULT_MAX_ITERS, DEFAULT_RTOL, groups, octav_constant
 from ._common import block_size, check_dtype, launch
 from .fake_quant import fake_quantize, fake_quantize_packed
 
@@ -257,8 +257,8 @@ def masked_sums(x, scale, signed=True, dim=None, group_size=None):
     return s_out.reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
 
 
-def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None, max_iters=32,
-                rtol=1e-6, narrow=False):
+def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None,
+                max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False):
     check_dtype(x)
     g = groups(x, dim, group_size)
     x = x.contiguous()
