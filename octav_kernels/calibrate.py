@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from . import _args
-from .ops import fake_quantize, octav_scale
+from . import _args, distributed
+from .ops import fake_quantize, octav_fake_quantize, octav_scale
 
 
 def _rows(x, dim, group_size):
@@ -112,6 +112,23 @@ class Calibrator:
                  init: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantize(self, x: torch.Tensor, bits: int, *, signed: bool = True,
+                 dim: int | None = None, group_size: int | None = None, narrow: bool = False,
+                 grad: str = "mad", init: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fake_quantize(x, s, ...), s)`` with this rule's scale ``s`` of ``x``: the training
+        step of a dynamic quantizer. Rules with a fused op (OCTAV) override it."""
+        s = self(x.detach(), bits, signed=signed, dim=dim, group_size=group_size, narrow=narrow,
+                 init=init)
+        return fake_quantize(x, s, bits, signed=signed, dim=dim, group_size=group_size,
+                             grad=grad, narrow=narrow), s
+
+    def across(self, group) -> Calibrator:
+        """This rule computed over the data of every rank of ``group`` (a ``torch.distributed``
+        group, ``None`` for the default one): the scale is identical on every rank."""
+        raise ValueError("process_group works with the 'octav' and 'max' calibrators, "
+                         f"got {self}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -134,6 +151,20 @@ class OctavCalibrator(Calibrator):
                            max_iters=self.max_iters, rtol=self.rtol, narrow=narrow,
                            refine=self.refine)
 
+    def quantize(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 grad="mad", init=None):
+        if not self.is_default:
+            return super().quantize(x, bits, signed=signed, dim=dim, group_size=group_size,
+                                    narrow=narrow, grad=grad, init=init)
+        return octav_fake_quantize(x, bits, signed=signed, dim=dim, group_size=group_size,
+                                   grad=grad, init=init, narrow=narrow)
+
+    def across(self, group) -> Calibrator:
+        if self.refine:
+            raise ValueError("process_group: the refined OCTAV scale is not computed across "
+                             "ranks; use calibrator='octav'")
+        return _OctavAcrossRanks(self, group)
+
     @property
     def is_default(self) -> bool:
         """True when the fused ``octav_fake_quantize`` (default iteration) computes this rule."""
@@ -154,6 +185,39 @@ class MaxCalibrator(Calibrator):
                  init=None):
         _args.check_bits(bits)
         return max_scale(x, signed=signed, dim=dim, group_size=group_size)
+
+    def across(self, group) -> Calibrator:
+        return _MaxAcrossRanks(group)
+
+
+class _OctavAcrossRanks(Calibrator):
+    """OCTAV over the data of every rank (``distributed.octav_scale``); no ``group_size``."""
+
+    def __init__(self, octav: OctavCalibrator, group):
+        self.octav, self.group = octav, group
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        return distributed.octav_scale(x, bits, signed=signed, dim=dim, group_size=group_size,
+                                       init=init, max_iters=self.octav.max_iters,
+                                       rtol=self.octav.rtol, narrow=narrow, group=self.group)
+
+    def __repr__(self) -> str:
+        return f"{self.octav!r} across ranks"
+
+
+class _MaxAcrossRanks(Calibrator):
+    """``max|x|`` over the data of every rank (``distributed.max_scale``); no ``group_size``."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        return distributed.max_scale(x, signed=signed, dim=dim, group=self.group)
+
+    def __repr__(self) -> str:
+        return "MaxCalibrator() across ranks"
 
 
 class PercentileCalibrator(Calibrator):

@@ -3,7 +3,8 @@
 
 from .qat.config import estimators
 from .qat.layers import QUANTIZED, QuantConv1d, QuantConv2d, QuantLinear
-from .qat.quantizer import MODES, QuantAct, Quantizer
+from .qat.quantizer import QuantAct, Quantizer
+from .qat.scale import MODES
 
 __all__ = ["MODES", "QUANTIZED", "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear",
            "Quantizer", "estimators"]

@@ -33,7 +33,8 @@ from ._args import (
 )
 
 
-def _broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int | None, group_size: int | None):
+def broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int | None, group_size: int | None
+              ) -> torch.Tensor:
     """Expand a scale of the granularity's shape to ``x``'s shape."""
     if dim is not None:
         shape = [1] * x.dim()
@@ -246,7 +247,7 @@ def grid_step(scale, x, dim, group_size, L) -> torch.Tensor:
     """``step = s / L`` in float32, broadcast to x's shape. A tensor divisor: PyTorch's CUDA
     division by a Python scalar multiplies by its reciprocal, which is not the correctly rounded
     s / L for L = 2**(B-1) - 1 (narrow)."""
-    return _broadcast(scale.float(), x, dim, group_size) / torch.tensor(
+    return broadcast(scale.float(), x, dim, group_size) / torch.tensor(
         L, dtype=torch.float32, device=x.device)
 
 
@@ -281,7 +282,7 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
     g = grad_out.to(ctype)
     xc = x.to(ctype)
-    s = _broadcast(scale.to(ctype), x, dim, group_size)
+    s = broadcast(scale.to(ctype), x, dim, group_size)
     zero = torch.zeros((), dtype=ctype)
     if signed:
         a = xc.abs()
@@ -340,7 +341,7 @@ def pwl_mask(x, scale, signed=True, dim=None, group_size=None):
     flat contiguous order: bit ``k % 32`` of int32 word ``k // 32`` is element k."""
     ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(ctype)
-    s = _broadcast(scale.to(ctype), x, dim, group_size)
+    s = broadcast(scale.to(ctype), x, dim, group_size)
     inside = xc.abs() <= s if signed else (xc >= 0) & (xc <= s)
     flat = inside.reshape(-1).to(torch.int64)
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 32)).reshape(-1, 32)

@@ -305,7 +305,7 @@ def test_convert_errors_name_the_module():
 
     model = nn.Sequential(Custom(4, 4))
     model[0].input_quantizer.signed = True
-    model[0].input_quantizer._set_scale(torch.tensor(1.0))
+    model[0].input_quantizer.set_scale(torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"0 \(Custom\): no converted version"):
         ok.convert_model(model)
     with pytest.raises(TypeError, match="model must be an nn.Module"):

@@ -275,6 +275,134 @@ def test_nonfinite_check_without_a_host_sync_per_step(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Scale policies, calibrators' fused path, the grid and the export to deploy
+
+
+def test_policy_objects_equal_their_keyword_spellings():
+    x = make_data((6, 20), seed=3)
+    for kwargs, policy in [
+            (dict(every=2), ok.qat.DynamicScale(every=2)),
+            (dict(mode="learned", calibrator="max", grad_scale=False),
+             ok.qat.LearnedScale("max", grad_scale=False)),
+            (dict(mode="static", reduce="max"), ok.qat.StaticScale(reduce="max"))]:
+        by_name = ok.Quantizer(4, dim=0, **kwargs)
+        by_policy = ok.Quantizer(4, dim=0, policy=policy)
+        assert by_policy.mode == by_name.mode == policy.mode
+        assert repr(by_policy) == repr(by_name)
+        if policy.mode == "static":
+            for q in (by_name, by_policy):
+                q.start_calibration()
+                q(x)
+                q(x * 2)
+                q.finish_calibration()
+            torch.testing.assert_close(by_policy.scale, ok.octav_scale(x * 2, 4, dim=0),
+                                       rtol=0, atol=0)
+        for q in (by_name, by_policy):
+            q.train()(x)
+        torch.testing.assert_close(by_policy.scale, by_name.scale, rtol=0, atol=0)
+        assert (type(by_policy.scale) is nn.Parameter) == (policy.mode == "learned")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="static", every=2), "every=2 applies to mode='dynamic'"),
+    (dict(mode="learned", every=3), "every=3 applies to mode='dynamic'"),
+    (dict(grad_scale=False), "grad_scale and scale_shape apply to mode='learned'"),
+    (dict(mode="static", scale_shape=(4,)), "grad_scale and scale_shape apply to mode='learned'"),
+    (dict(policy=ok.qat.StaticScale(), mode="static"), "give either policy or its fields"),
+    (dict(policy=ok.qat.DynamicScale(), calibrator="max"), "give either policy or its fields"),
+    (dict(calibrator="percentile", process_group="world"),
+     "process_group works with the 'octav' and 'max' calibrators"),
+    (dict(calibrator="octav:refine", process_group="world"), "refined OCTAV scale is not"),
+    (dict(reduce="median"), "reduce must be one of"),
+])
+def test_policy_field_misuse_is_an_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ok.Quantizer(4, **kwargs)
+    with pytest.raises(TypeError, match="policy must be a ScalePolicy, got str"):
+        ok.Quantizer(4, policy="dynamic")
+
+
+class HalfMax(ok.Calibrator):
+    """A calibrator without a fused op: half the largest magnitude."""
+
+    def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
+                 init=None):
+        return ok.max_scale(x, signed=signed, dim=dim, group_size=group_size) / 2
+
+
+@pytest.mark.parametrize("calibrator", ["octav", "octav:refine", "max", HalfMax()])
+def test_calibrator_quantize_is_its_scale_then_fake_quantize(calibrator):
+    """The dynamic training step (``Calibrator.quantize``; fused for default OCTAV) gives the
+    rule's scale and the fake-quant with it, and gradients reach x by the estimator."""
+    cal = ok.make_calibrator(calibrator)
+    x = make_data((4, 32), seed=4).requires_grad_()
+    init = ok.max_scale(x.detach(), dim=0) / 3
+    y, s = cal.quantize(x, 3, dim=0, grad="pwl", init=init)
+    expected_s = cal(x.detach(), 3, dim=0, init=init)
+    torch.testing.assert_close(s, expected_s, rtol=0, atol=0)
+    torch.testing.assert_close(y, ok.fake_quantize(x.detach(), expected_s, 3, dim=0),
+                               rtol=0, atol=0)
+    y.sum().backward()
+    inside = x.detach().abs() <= expected_s[:, None]
+    torch.testing.assert_close(x.grad, inside.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits, signed, narrow, gran", [
+    (4, True, False, {}), (3, True, True, {"dim": 1}), (5, False, False, {"group_size": 4}),
+    (8, True, False, {"dim": 0}), (2, False, False, {})])
+def test_grid_levels_times_step_is_the_fake_quant(bits, signed, narrow, gran):
+    """``Grid`` (the grid deploy stores) against the op: ``level * step`` equals
+    ``fake_quantize`` bit for bit, levels are integers in lo..hi, 0 where s == 0."""
+    x = make_data((6, 16), seed=bits)
+    x = x if signed else x.abs()
+    grid = ok.qat.Grid(bits, signed, narrow, gran.get("dim"), gran.get("group_size"))
+    s = ok.octav_scale(x, bits, signed=signed, narrow=narrow, **gran)
+    s = s.clone().reshape(-1)
+    s[0] = 0.0  # a zero scale quantizes its group to 0
+    s = s.reshape(ok.octav_scale(x, bits, signed=signed, **gran).shape)
+    levels = grid.integer_levels(x, s)
+    _, lo, hi = grid.levels
+    assert levels.shape == x.shape and levels.dtype == torch.float32
+    assert bool((levels == levels.round()).all()) and lo <= levels.min() <= levels.max() <= hi
+    fq = ok.fake_quantize(x, s, bits, signed=signed, narrow=narrow, **gran)
+    torch.testing.assert_close(grid.dequantize(levels, grid.step(s)), fq, rtol=0, atol=0)
+
+
+def test_export_hands_deploy_the_grid_scale_and_frozen_levels():
+    q = ok.Quantizer(4, dim=0, init_from_input=True)
+    w = make_data((5, 12), seed=6)
+    with pytest.raises(ValueError, match="^Quantizer: no scale yet; calibrate the model"):
+        q.export()
+    unkept = q.export(w)  # init_from_input: from the input, as eval would, not kept
+    assert not q.initialized
+    torch.testing.assert_close(unkept.scale, ok.octav_scale(w, 4, dim=0), rtol=0, atol=0)
+    assert unkept.grid == ok.qat.Grid(4, True, False, 0, None) and unkept.frozen is None
+    q.train()(w)
+    q.track_oscillations()
+    q.freeze_threshold = 1e-9
+    q(w)
+    q(w + 0.3 * q.scale[:, None] / 7 * torch.sign(torch.randn(5, 12)))  # some levels flip
+    q(w)
+    export = q.export()
+    assert export.frozen is not None and bool(export.frozen.any())
+    levels = export.levels(w)
+    expected = torch.where(q.osc_frozen, q.osc_last_int.float(),
+                           export.grid.integer_levels(w, q.scale))
+    torch.testing.assert_close(levels, expected, rtol=0, atol=0)
+    q.eval()
+    torch.testing.assert_close(export.grid.dequantize(levels, export.grid.step(export.scale)),
+                               q(w), rtol=0, atol=0)
+    act = ok.QuantAct(4)
+    act.set_scale(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="QuantAct: the input grid .signed=None. is decided"):
+        act.export()
+    act.signed = True
+    act.set_scale(torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="QuantAct: its scale is not finite"):
+        act.export()
+
+
+# ---------------------------------------------------------------------------------------------
 # Model conversion
 
 

@@ -26,10 +26,17 @@ import warnings
 import torch
 from torch import nn
 
-from ..qat.layers import _QuantLayer
+from ..qat.layers import QuantLayer
 from ..qat.model import parent_of
 from ..qat.quantizer import Quantizer
-from .quantized import Grid, QuantizedAct, QuantizedLinear, _QuantizedLayer, convert_model
+from .quantized import (
+    Grid,
+    QuantizedAct,
+    QuantizedLinear,
+    _QuantizedLayer,
+    convert_model,
+    storage,
+)
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
@@ -156,7 +163,7 @@ def export_onnx(model: nn.Module, args, path, *, opset: int | None = None,
         raise ValueError(f"opset must be >= {MIN_OPSET} (per-axis DequantizeLinear), got {opset}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, (_QuantLayer, Quantizer)) for m in model.modules()):
+    if any(isinstance(m, (QuantLayer, Quantizer)) for m in model.modules()):
         model = convert_model(model)
     else:
         model = copy.deepcopy(model)
@@ -217,7 +224,7 @@ def _integer_weight(onnx, graph, name: str, layer: _QuantizedLayer, opset: int) 
     else:
         dtype = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
                  torch.int16: TensorProto.INT16, torch.int32: TensorProto.INT32}[
-            grid.storage or (torch.int8 if grid.signed else torch.uint8)]
+            storage(grid) or (torch.int8 if grid.signed else torch.uint8)]
         if dtype == TensorProto.INT32:
             raise ValueError(f"{name}: {grid.bits}-bit unsigned weights have no ONNX integer "
                              "type DequantizeLinear takes")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -27,50 +27,28 @@ from torch.nn import functional as F
 
 from .. import _args
 from ..ops import fake_quantize
-from ..qat.layers import QuantConv1d, QuantConv2d, QuantLinear, _QuantLayer, float_layer_args
+from ..qat.grid import Grid
+from ..qat.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, float_layer_args
 from ..qat.model import parent_of
 from ..qat.quantizer import Quantizer
 
 
-@dataclass(frozen=True)
-class Grid:
-    """A quantizer's grid and granularity, frozen for deployment."""
-
-    bits: int
-    signed: bool
-    narrow: bool = False
-    dim: int | None = None
-    group_size: int | None = None
-
-    @classmethod
-    def of(cls, q: Quantizer) -> Grid:
-        if q.signed is None:
-            raise ValueError(f"{q.name}: the input grid (signed=None) is decided by the first "
-                             "batch; run the model on data before convert_model")
-        return cls(q.bits, bool(q.signed), q.narrow, q.dim, q.group_size)
-
-    @property
-    def levels(self) -> tuple[int, int, int]:
-        """``(L, lo, hi)``: the grid is ``step * [lo..hi]`` with ``step = s / L``."""
-        return _args.levels(self.bits, self.signed, self.narrow)
-
-    @property
-    def storage(self) -> torch.dtype | None:
-        """The dtype the levels are stored in; None: two per byte (2-4 bits)."""
-        if self.bits <= 4:
-            return None
-        if self.bits <= 8:
-            return torch.int8 if self.signed else torch.uint8
-        return torch.int16 if self.levels[2] < 2**15 else torch.int32
+def storage(grid: Grid) -> torch.dtype | None:
+    """The dtype a grid's levels are stored in; None: two per byte (2-4 bits)."""
+    if grid.bits <= 4:
+        return None
+    if grid.bits <= 8:
+        return torch.int8 if grid.signed else torch.uint8
+    return torch.int16 if grid.levels[2] < 2**15 else torch.int32
 
 
 def pack_levels(levels: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Integer levels (any integer or float dtype holding integers in ``lo..hi``) stored as
-    ``grid.storage``, flattened; 2-4 bits: ``level - lo`` in nibbles, element 2k in the low
+    ``storage(grid)``, flattened; 2-4 bits: ``level - lo`` in nibbles, element 2k in the low
     half of byte k."""
     flat = levels.reshape(-1).to(torch.int32)
-    if grid.storage is not None:
-        return flat.to(grid.storage)
+    if storage(grid) is not None:
+        return flat.to(storage(grid))
     nibbles = (flat - grid.levels[1]).to(torch.uint8)
     if nibbles.numel() % 2:
         nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
@@ -79,41 +57,10 @@ def pack_levels(levels: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def unpack_levels(packed: torch.Tensor, grid: Grid, numel: int) -> torch.Tensor:
     """The int32 levels of ``pack_levels`` (flat, ``numel`` of them)."""
-    if grid.storage is not None:
+    if storage(grid) is not None:
         return packed.to(torch.int32)
     pairs = torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1)[:numel]
     return pairs.to(torch.int32) + grid.levels[1]
-
-
-def grid_step(scale: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """``s / L`` in float32, correctly rounded on every device (a tensor divisor: CUDA divides
-    by a Python number as a product with its reciprocal)."""
-    return scale.float() / torch.tensor(grid.levels[0], dtype=torch.float32,
-                                        device=scale.device)
-
-
-def _broadcast(step: torch.Tensor, shape, grid: Grid) -> torch.Tensor:
-    """A step of the granularity's shape, broadcastable against a tensor of ``shape``."""
-    if grid.dim is not None:
-        view = [1] * len(shape)
-        view[grid.dim % len(shape)] = -1
-        return step.reshape(view)
-    if grid.group_size is not None:
-        return step.reshape(*shape[:-1], -1, 1)
-    return step
-
-
-def _levels_of(x: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """SPEC §1's integer levels ``clamp(round(x / step), lo, hi)`` (0 where step == 0) as the
-    fake-quant kernels compute them, in float32, in the groups' layout (``[..., blocks, G]``
-    for blocks)."""
-    _, lo, hi = grid.levels
-    xf = x.float()
-    if grid.group_size is not None:
-        xf = xf.reshape(*x.shape[:-1], -1, grid.group_size)
-    b = _broadcast(step, x.shape, grid)
-    level = torch.clamp(torch.round(xf / b), lo, hi)
-    return torch.where(b == 0, torch.zeros((), device=x.device), level)
 
 
 class QuantizedAct(nn.Module):
@@ -128,18 +75,15 @@ class QuantizedAct(nn.Module):
 
     @classmethod
     def from_quantizer(cls, q: Quantizer) -> QuantizedAct:
-        if not q.initialized:
-            raise ValueError(f"{q.name}: no scale yet; calibrate the model "
-                             "(octav_kernels.calibrate_model) or train it before convert_model")
-        if not bool(torch.isfinite(q.scale).all()):
-            raise ValueError(f"{q.name}: its scale is not finite")
-        new = cls(Grid.of(q), tuple(q.scale.shape), device=q.scale.device)
-        new.scale.copy_(q.scale)
+        export = q.export()
+        new = cls(export.grid, tuple(export.scale.shape), device=export.scale.device)
+        new.scale.copy_(export.scale)
         return new
 
     @property
     def step(self) -> torch.Tensor:
-        return grid_step(self.scale, self.grid)
+        """``s / L`` (float32)."""
+        return self.grid.step(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.grid
@@ -156,13 +100,7 @@ class QuantizedAct(nn.Module):
         return nn.Identity()
 
     def extra_repr(self) -> str:
-        return _grid_repr(self.grid)
-
-
-def _grid_repr(g: Grid) -> str:
-    gran = ("per tensor" if g.dim is None and g.group_size is None
-            else f"dim={g.dim}" if g.dim is not None else f"group_size={g.group_size}")
-    return (f"bits={g.bits}, signed={g.signed}, {gran}" + (", narrow=True" if g.narrow else ""))
+        return self.grid.describe()
 
 
 def _check_same_grid(what: str, mine: Grid, saved: Grid) -> None:
@@ -189,8 +127,8 @@ class _QuantizedLayer(nn.Module):
         numel = math.prod(self.weight_shape)
         groups = _args.groups(torch.empty(self.view_shape, device="meta"), weight_grid.dim,
                               weight_grid.group_size)
-        packed = (torch.empty(numel, dtype=weight_grid.storage, device=device)
-                  if weight_grid.storage is not None
+        packed = (torch.empty(numel, dtype=storage(weight_grid), device=device)
+                  if storage(weight_grid) is not None
                   else torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device))
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_step", torch.zeros(groups.scale_shape, dtype=torch.float32,
@@ -210,20 +148,16 @@ class _QuantizedLayer(nn.Module):
         return (self.weight_shape[0], math.prod(self.weight_shape[1:]))
 
     @classmethod
-    def from_qat(cls, layer: _QuantLayer) -> _QuantizedLayer:
+    def from_qat(cls, layer: QuantLayer) -> _QuantizedLayer:
         """The converted version of a QAT layer (in eval, its outputs are the same)."""
         q = layer.weight_quantizer
         w = layer.weight_as_quantized().detach()
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{q.name}: the weight contains NaN or inf")
-        # A weight quantizer without a scale computes it from the weight in eval (QAT layers
-        # set init_from_input): the same here.
-        scale = q.scale if q.initialized else q._compute_scale(w, bool(q.signed))
-        grid = Grid.of(q)
-        step = grid_step(scale, grid)
-        levels = _levels_of(w, step, grid).reshape(w.shape)
-        if q.tracking and q.osc_frozen.shape == w.shape:  # frozen weights keep their level
-            levels = torch.where(q.osc_frozen, q.osc_last_int.float(), levels)
+        # A weight quantizer without a scale computes it from the weight, as in eval (QAT
+        # layers set init_from_input); frozen weights keep their level.
+        export = q.export(w)
+        grid, step, levels = export.grid, export.grid.step(export.scale), export.levels(w)
         iq = layer.input_quantizer
         act = QuantizedAct.from_quantizer(iq) if iq is not None else None
         new = cls(float_layer_args(layer), layer.weight.shape, grid,
@@ -248,11 +182,7 @@ class _QuantizedLayer(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """``level * step`` in float32 (as the fake-quant kernels form it), in the weight's
         dtype and shape."""
-        levels = self.weight_levels().float()
-        g = self.weight_grid
-        if g.group_size is not None:
-            levels = levels.reshape(*self.view_shape[:-1], -1, g.group_size)
-        w = levels * _broadcast(self.weight_step, self.view_shape, g)
+        w = self.weight_grid.dequantize(self.weight_levels(), self.weight_step)
         return w.to(self.weight_dtype).reshape(self.weight_shape)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +213,7 @@ class _QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.layer_args.items())
-        return f"{args}, weight: {_grid_repr(self.weight_grid)}"
+        return f"{args}, weight: {self.weight_grid.describe()}"
 
 
 class QuantizedLinear(_QuantizedLayer):
@@ -352,13 +282,13 @@ def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    if isinstance(model, (_QuantLayer, Quantizer)):
+    if isinstance(model, (QuantLayer, Quantizer)):
         return _convert_one("model", model)
     problems, done = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in done):
             continue
-        if isinstance(module, (_QuantLayer, Quantizer)):
+        if isinstance(module, (QuantLayer, Quantizer)):
             done.append(name)
             try:
                 converted = _convert_one(name, module)

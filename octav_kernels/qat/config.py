@@ -16,7 +16,8 @@ import torch
 
 from .. import _args
 from ..calibrate import Calibrator, make_calibrator
-from .quantizer import MODES, QuantAct, Quantizer, choice
+from .quantizer import QuantAct, Quantizer
+from .scale import MODES, DynamicScale, LearnedScale, ScalePolicy, StaticScale, choice
 
 ESTIMATORS = ("mph", "mad", "pwl", "ste")
 
@@ -91,7 +92,21 @@ class QuantConfig:
             raise TypeError(f"unexpected quantization arguments: {sorted(unknown)}")
         if config is not None and not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        if not fields:
+            return config or cls()
         return dataclasses.replace(config or cls(), **fields)
+
+    def policy(self, mode: str, scale_shape: tuple[int, ...] | None = None,
+               process_group: Any = None) -> ScalePolicy:
+        """The scale policy of ``mode`` with this config's fields (``every`` for dynamic
+        scales, ``grad_scale`` and ``scale_shape`` for learned ones)."""
+        common = dict(process_group=process_group)
+        if mode == "dynamic":
+            return DynamicScale(self.calibrator, every=self.every, **common)
+        if mode == "learned":
+            return LearnedScale(self.calibrator, grad_scale=self.grad_scale,
+                                scale_shape=scale_shape, **common)
+        return StaticScale(self.calibrator, **common)
 
     def weight_quantizer(self, weight_shape) -> Quantizer:
         """The quantizer of a weight of ``weight_shape`` (signed; computes its scale from the
@@ -102,20 +117,18 @@ class QuantConfig:
         scale_shape = _args.groups(torch.empty(view, device="meta"), dim,
                                    group_size).scale_shape
         return Quantizer(self.bits, signed=True, dim=dim, group_size=group_size,
-                         grad=estimators(self.grad)[0], mode=self.weight_mode or self.mode,
-                         calibrator=self.calibrator, every=self.every, narrow=self.narrow,
-                         init_from_input=True, grad_scale=self.grad_scale,
-                         scale_shape=scale_shape)
+                         grad=estimators(self.grad)[0], narrow=self.narrow,
+                         policy=self.policy(self.weight_mode or self.mode, scale_shape),
+                         init_from_input=True)
 
     def input_quantizer(self) -> QuantAct | None:
         """The quantizer of the layer's input, or None with ``quantize_input=False``."""
         if not self.quantize_input:
             return None
         return QuantAct(self.act_bits or self.bits, signed=self.act_signed,
-                        grad=estimators(self.grad)[1], mode=self.mode,
-                        calibrator=self.calibrator, every=self.every,
+                        grad=estimators(self.grad)[1],
                         narrow=self.narrow and self.act_signed is True,
-                        process_group=self.process_group, grad_scale=self.grad_scale)
+                        policy=self.policy(self.mode, process_group=self.process_group))
 
 
 def weight_granularity(spec, shape) -> tuple[int | None, int | None]:

@@ -9,9 +9,10 @@ from torch import nn
 from .config import QuantConfig
 
 
-class _QuantLayer:
-    """Shared by the quantized layers: builds the weight and input quantizers, and converts
-    from / back to the float layer (sharing its Parameters, so optimizers keep working)."""
+class QuantLayer:
+    """The base of the quantized layers: a ``weight_quantizer`` and an ``input_quantizer``
+    (None: input in float) built by a ``QuantConfig``, and the conversion from / back to the
+    float layer (sharing its Parameters, so optimizers keep working)."""
 
     float_type: type[nn.Module]
     weight: nn.Parameter
@@ -81,7 +82,7 @@ _QUANT_DOC = """Quantized ``{base}``: ``{base}`` applied to the fake-quantized i
     """
 
 
-class QuantLinear(_QuantLayer, nn.Linear):
+class QuantLinear(QuantLayer, nn.Linear):
     __doc__ = _QUANT_DOC.format(base="nn.Linear")
     float_type = nn.Linear
 
@@ -94,7 +95,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class _QuantConv(_QuantLayer):
+class _QuantConv(QuantLayer):
     """Shared by the quantized convolutions (the next base in the MRO is ``nn.ConvNd``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,

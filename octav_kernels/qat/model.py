@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .layers import QUANTIZED, _QuantLayer
+from .layers import QUANTIZED, QuantLayer
 from .quantizer import Quantizer
 
 # Layers kept in float by design (their parameters are not matmul operands): not "unsupported".
@@ -67,8 +67,8 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
     if bits is not None:
         fields["bits"] = bits
     config = QuantConfig.of(config, **fields)
-    if first_last_bits is not None:
-        QuantConfig.of(config, bits=first_last_bits)  # checked before anything is converted
+    end_config = (config if first_last_bits is None  # (checked before anything is converted)
+                  else QuantConfig.of(config, bits=first_last_bits, act_bits=None))
 
     convertible, unsupported = [], []
     skipped_prefixes: list[str] = []
@@ -80,7 +80,7 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
             continue
         if type(module) in QUANTIZED:
             convertible.append(name)
-        elif isinstance(module, _QuantLayer):
+        elif isinstance(module, QuantLayer):
             raise ValueError(f"model is already quantized ({name or 'model'} is "
                              f"{type(module).__name__}); call dequantize_model first")
         elif isinstance(module, Quantizer):  # a standalone quantizer (QuantAct) stays as it is
@@ -100,8 +100,7 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
     for name in convertible:
         parent, attr = parent_of(model, name)
         float_layer = getattr(parent, attr)
-        layer_config = (QuantConfig.of(config, bits=first_last_bits, act_bits=None)
-                        if name in ends else config)
+        layer_config = end_config if name in ends else config
         try:
             quant = QUANTIZED[type(float_layer)].from_float(float_layer, layer_config)
         except ValueError as err:
@@ -152,12 +151,12 @@ def calibration(model: nn.Module):
     flags = {m: m.training for m in model.modules()}
     model.eval()
     for _, q in found:
-        q.calibrating, q._calibration = True, None
+        q.start_calibration()
     try:
         yield model
     except BaseException:
         for _, q in found:
-            q.calibrating, q._calibration = False, None
+            q.stop_calibration()
         raise
     else:
         unseen = [name for name, q in found if not q.finish_calibration()]

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import _args
 from ..ops.oscillation import REDUCTIONS
-from .layers import _QuantLayer
+from .layers import QuantLayer
 from .model import name_quantizers
 
 
@@ -126,7 +126,7 @@ class OscillationControl:
         name_quantizers(model)
         self.layers, skipped = [], []
         for m in model.modules():
-            if isinstance(m, _QuantLayer):
+            if isinstance(m, QuantLayer):
                 q = m.weight_quantizer
                 fits = _args.tracked_bits_fit(q.bits, q.signed is not False)
                 (self.layers if fits else skipped).append(m)

@@ -1,40 +1,42 @@
-"""The QAT fake-quantizer: a module that keeps a clipping scale (OCTAV by default) and
-fake-quantizes its input with it.
-
-Scale modes (``mode=``):
-
-- ``"dynamic"``: in training, every forward computes the scale of the tensor it sees (OCTAV by
-  default, warm-started from the previous step's scale, in the same fused op that
-  fake-quantizes) and keeps it in the ``scale`` buffer; with ``every=k`` only every k-th
-  training forward recomputes it. Eval uses the kept scale.
-- ``"static"``: the scale is set by calibration (``octav_kernels.calibrate_model``: the mean of
-  the per-batch scales over N batches, the paper's static OCTAV) and then frozen, in training
-  and eval.
-- ``"learned"`` (LSQ, Esser et al. 2020): the scale is an ``nn.Parameter`` named ``scale``,
-  initialized by the calibrator (OCTAV by default) at the first training forward (or by
-  calibration), then trained by the optimizer with the LSQ gradient (``fake_quantize_lsq``).
+"""The QAT fake-quantizer: a module that fake-quantizes its input on a grid whose clipping
+scale it keeps. Where the scale comes from is its scale policy (``octav_kernels.qat.scale``:
+dynamic, static or learned); what deploy reads of it is ``Quantizer.export()``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import _args, distributed
-from ..calibrate import Calibrator, MaxCalibrator, OctavCalibrator, make_calibrator
-from ..ops import fake_quantize, fake_quantize_lsq, octav_fake_quantize
+from ..calibrate import Calibrator
+from ..ops import fake_quantize, fake_quantize_lsq
+from .grid import Grid
+from .scale import ScalePolicy, make_policy
 from .tracking import OSC_BUFFERS, OscillationTracking
 
-MODES = ("dynamic", "static", "learned")
-REDUCTIONS = ("mean", "max")
 
+@dataclass(frozen=True)
+class QuantizerExport:
+    """What a trained or calibrated quantizer hands to deployment (``Quantizer.export``): its
+    grid, its float32 scale (the granularity's shape, finite) and, for a weight whose
+    oscillating elements were frozen, the mask of frozen elements and their kept levels."""
 
-def choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
+    grid: Grid
+    scale: torch.Tensor
+    frozen: torch.Tensor | None = None
+    frozen_levels: torch.Tensor | None = None
+
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer levels (float32) of ``x`` as the quantizer's eval forward quantizes it:
+        ``grid.integer_levels``, frozen elements at their kept level."""
+        levels = self.grid.integer_levels(x, self.scale)
+        if self.frozen is not None and self.frozen.shape == x.shape:
+            levels = torch.where(self.frozen, self.frozen_levels.float(), levels)
+        return levels
 
 
 class Quantizer(OscillationTracking, nn.Module):
@@ -46,19 +48,14 @@ class Quantizer(OscillationTracking, nn.Module):
             negative entry, e.g. after a ReLU) and keeps that decision (in ``state_dict``).
         dim, group_size: granularity of the scale, as in the ops (per tensor by default).
         grad: backward estimator, ``"mad"``, ``"pwl"`` or ``"ste"``.
-        mode: ``"dynamic"`` or ``"static"`` (module docstring).
-        calibrator: the scale rule: ``"octav"`` (default), ``"octav:refine"`` (polished against
-            the empirical MSE), ``"max"``, ``"percentile[:p]"``, ``"mse[:points]"`` or a
-            ``Calibrator``.
-        every: in dynamic training, recompute the scale every ``every`` forwards.
         narrow: symmetric signed levels ``±(2**(B-1)-1)``.
-        reduce: how static calibration combines per-batch scales, ``"mean"`` or ``"max"``.
-        grad_scale: in learned mode, multiply the scale's gradient by LSQ's gradient scale
-            ``1 / sqrt(N hi)`` (N elements per group).
-        scale_shape: in learned mode, the scale's shape, so that the Parameter exists (for the
-            optimizer) before the first forward; per tensor it is ``()`` without saying.
-            Otherwise the Parameter appears at the first training forward (build the optimizer
-            after it).
+        policy: where the scale comes from, a ``ScalePolicy`` (``DynamicScale``,
+            ``StaticScale``, ``LearnedScale``; ``octav_kernels.qat.scale``). Or, instead, its
+            fields as keywords: ``mode`` (``"dynamic"``, default, ``"static"`` or
+            ``"learned"``), ``calibrator`` (``"octav"``, default, ``"octav:refine"``,
+            ``"max"``, ``"percentile[:p]"``, ``"mse[:points]"`` or a ``Calibrator``),
+            ``every`` (dynamic), ``reduce`` (static calibration, ``"mean"`` or ``"max"``),
+            ``process_group`` and ``grad_scale`` / ``scale_shape`` (learned).
         check_finite: raise ``ValueError`` naming the module when a scale computed from data is
             NaN/inf (the input had NaN/inf), or a learned scale is not positive and finite. On
             CPU tensors at once. On CUDA tensors without a host sync per step: the quantizer
@@ -67,17 +64,17 @@ class Quantizer(OscillationTracking, nn.Module):
             ``check_nonfinite()`` (``octav_kernels.check_finite(model)``).
         init_from_input: in eval, a quantizer without a scale computes it from its input
             instead of raising (right for weights, which do not depend on data).
-        process_group: a ``torch.distributed`` group whose ranks see different data (the
-            activations of data-parallel training), or ``"world"``: dynamic OCTAV / max scales
-            and static calibration are then computed over the data of all ranks
-            (``octav_kernels.distributed``), identical everywhere. Cost: one all-reduce of
-            ``24 * n_groups`` bytes per OCTAV iteration (1-3 per warm-started step) or one
-            max-reduce; ``signed=None`` is decided from all ranks' first batch (one more).
-            Calibrators ``"octav"`` and ``"max"`` only; not with ``group_size``.
 
-    ``scale`` (float32, the granularity's shape; empty until set) is a buffer: it is saved in
-    ``state_dict``, moves with ``.to(device)`` and stays float32 when the model is cast to
-    another dtype.
+    ``process_group`` (a ``torch.distributed`` group whose ranks see different data, the
+    activations of data-parallel training, or ``"world"``): dynamic OCTAV / max scales and
+    static calibration are computed over the data of all ranks (``octav_kernels.distributed``),
+    identical everywhere. Cost: one all-reduce of ``24 * n_groups`` bytes per OCTAV iteration
+    (1-3 per warm-started step) or one max-reduce; ``signed=None`` is decided from all ranks'
+    first batch (one more). Calibrators ``"octav"`` and ``"max"`` only; not with ``group_size``.
+
+    ``scale`` (float32, the granularity's shape; empty until set) is a buffer, or with a learned
+    scale an ``nn.Parameter``: it is saved in ``state_dict``, moves with ``.to(device)`` and
+    stays float32 when the model is cast to another dtype.
 
     ``track_oscillations()`` (for weights; ``octav_kernels.OscillationControl`` calls it) adds
     per-element oscillation tracking and freezing to the fake-quant
@@ -88,10 +85,11 @@ class Quantizer(OscillationTracking, nn.Module):
     deferred_check = ("cuda",)  # device types whose NaN/inf check waits for a check point
 
     def __init__(self, bits: int = 4, *, signed: bool | None = True, dim: int | None = None,
-                 group_size: int | None = None, grad: str = "mad", mode: str = "dynamic",
-                 calibrator: str | Calibrator = "octav", every: int = 1, narrow: bool = False,
-                 reduce: str = "mean", check_finite: bool = True,
-                 init_from_input: bool = False, process_group=None, grad_scale: bool = True,
+                 group_size: int | None = None, grad: str = "mad", narrow: bool = False,
+                 policy: ScalePolicy | None = None, mode: str = "dynamic",
+                 calibrator: str | Calibrator = "octav", every: int = 1, reduce: str = "mean",
+                 check_finite: bool = True, init_from_input: bool = False,
+                 process_group=None, grad_scale: bool = True,
                  scale_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.bits = _args.check_bits(bits)
@@ -107,68 +105,94 @@ class Quantizer(OscillationTracking, nn.Module):
             raise ValueError(f"group_size must be positive, got {group_size}")
         self.signed, self.dim, self.group_size, self.narrow = signed, dim, group_size, narrow
         self.grad = _args.check_grad(grad)
-        self.mode = choice(mode, MODES, "mode")
-        self.calibrator = make_calibrator(calibrator)
-        if _args.check_int(every, "every") < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.every = every
-        self.reduce = choice(reduce, REDUCTIONS, "reduce")
+        if policy is None:
+            policy = make_policy(mode, calibrator, every=every, reduce=reduce,
+                                 process_group=process_group, grad_scale=grad_scale,
+                                 scale_shape=scale_shape)
+        elif not isinstance(policy, ScalePolicy):
+            raise TypeError(f"policy must be a ScalePolicy, got {type(policy).__name__}")
+        elif (mode, calibrator, every, reduce, process_group, grad_scale, scale_shape) != (
+                "dynamic", "octav", 1, "mean", None, True, None):
+            raise ValueError("give either policy or its fields (mode, calibrator, every, "
+                             "reduce, process_group, grad_scale, scale_shape), not both")
+        if policy.process_group is not None and group_size is not None:
+            raise ValueError("process_group: per-block scales (group_size) are local to "
+                             "each rank's rows; use a per-tensor or per-channel scale")
+        self.policy = policy
         self.check_finite = bool(check_finite)
         self.init_from_input = bool(init_from_input)
-        if process_group is not None:
-            if not isinstance(self.calibrator, (OctavCalibrator, MaxCalibrator)):
-                raise ValueError("process_group works with the 'octav' and 'max' calibrators, "
-                                 f"got {self.calibrator}")
-            if getattr(self.calibrator, "refine", False):
-                raise ValueError("process_group: the refined OCTAV scale is not computed "
-                                 "across ranks; use calibrator='octav'")
-            if group_size is not None:
-                raise ValueError("process_group: per-block scales (group_size) are local to "
-                                 "each rank's rows; use a per-tensor or per-channel scale")
-        self.process_group = process_group
         self.name = type(self).__name__  # quantize_model sets the module path
         self.calibrating = False
         self.steps = 0  # training forwards seen (counted only when every > 1)
         self._calibration: tuple[torch.Tensor, int] | None = None
         self._scale_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read
-        self.grad_scale = _args.check_bool(grad_scale, "grad_scale")
+        self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
-        self._learned_set = False  # learned mode: whether the Parameter holds a scale yet
-        if self.mode == "learned":
-            if scale_shape is None and dim is None and group_size is None:
-                scale_shape = ()
-            # Whether the learned scale has been set (saved, so a checkpoint knows).
-            self.register_buffer("scale_set", torch.zeros((), dtype=torch.bool))
-            if scale_shape is not None:
-                del self._buffers["scale"]
-                self.scale = nn.Parameter(torch.zeros(tuple(scale_shape)))
+        policy.attach(self)
+
+    @property
+    def mode(self) -> str:
+        """The scale policy's name: ``"dynamic"``, ``"static"`` or ``"learned"``."""
+        return self.policy.mode
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """The scale policy's calibrator."""
+        return self.policy.calibrator
+
+    @property
+    def grid(self) -> Grid:
+        """The grid this quantizer quantizes on (``ValueError`` while ``signed=None`` is not
+        yet decided by data)."""
+        if self.signed is None:
+            raise ValueError(f"{self.name}: the input grid (signed=None) is decided by the first "
+                             "batch; run the model on data before convert_model")
+        return Grid(self.bits, self.signed, self.narrow, self.dim, self.group_size)
 
     # -- state ------------------------------------------------------------------------------
 
     @property
     def initialized(self) -> bool:
         """Whether a scale has been set (by training, calibration or ``state_dict``)."""
-        if self.mode == "learned":
+        if self.policy.learned:
             return self._learned_set
         return self.scale.numel() > 0 or self.scale.dim() == 0
 
-    def _set_scale(self, s: torch.Tensor) -> None:
-        if self.mode != "learned":  # a buffer: no autograd to stop (the per-step path)
-            if self.scale.shape == s.shape:
-                self.scale.copy_(s.detach())
-            else:
-                self.scale = s.detach().to(torch.float32, copy=True)
-            return
-        with torch.no_grad():
-            if self.scale.shape == s.shape:
+    def set_scale(self, s: torch.Tensor) -> None:
+        """Keep ``s`` (float32, the granularity's shape) as the scale; a learned scale stays
+        the same Parameter where the shape allows (an optimizer holds it)."""
+        if self.scale.shape != s.shape:  # a buffer, or the Parameter of a shape known only now
+            fresh = s.detach().to(torch.float32, copy=True)
+            self.scale = nn.Parameter(fresh) if self.policy.learned else fresh
+        elif self.policy.learned:
+            with torch.no_grad():
                 self.scale.copy_(s)
-            else:  # the Parameter of a shape known only now
-                self._buffers.pop("scale", None)
-                self.scale = nn.Parameter(s.detach().to(torch.float32, copy=True))
-        self.scale_set.fill_(True)
-        self._learned_set = True
+        else:  # a buffer: no autograd to stop (the per-step path)
+            self.scale.copy_(s.detach())
+        if self.policy.learned:
+            self.scale_set.fill_(True)
+            self._learned_set = True
+
+    def export(self, x: torch.Tensor | None = None) -> QuantizerExport:
+        """The grid, scale and frozen levels for deployment (``octav_kernels.deploy``). A
+        quantizer without a scale and with ``init_from_input`` computes it from ``x`` (its
+        input, e.g. the weight) without keeping it, as its eval forward would."""
+        if self.initialized:
+            scale = self.scale.detach()
+        elif self.init_from_input and x is not None:
+            scale = self.scale_of(x)
+        else:
+            raise ValueError(f"{self.name}: no scale yet; calibrate the model "
+                             "(octav_kernels.calibrate_model) or train it before convert_model")
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{self.name}: its scale is not finite")
+        grid = self.grid
+        if self.tracking and self.osc_frozen.numel() > 0:
+            return QuantizerExport(grid, scale, self.osc_frozen.clone(),
+                                   self.osc_last_int.clone())
+        return QuantizerExport(grid, scale)
 
     def get_extra_state(self) -> dict:
         return {"signed": self.signed, "momentum": self.momentum}
@@ -188,15 +212,12 @@ class Quantizer(OscillationTracking, nn.Module):
                 saved = torch.empty(0)
             if isinstance(saved, torch.Tensor) and saved.shape != mine.shape:
                 fresh = torch.empty(saved.shape, dtype=mine.dtype, device=mine.device)
-                if isinstance(mine, nn.Parameter):
-                    fresh = nn.Parameter(fresh)
-                elif name == "scale" and self.mode == "learned":  # (its first appearance)
-                    del self._buffers["scale"]
+                if isinstance(mine, nn.Parameter) or (name == "scale" and self.policy.learned):
                     fresh = nn.Parameter(fresh)
                 setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.mode == "learned" and prefix + "scale_set" in state_dict:
+        if self.policy.learned and prefix + "scale_set" in state_dict:
             self._learned_set = bool(self.scale_set)
         if self.tracking and not saved_tracking:  # the state restarts at the next forward
             for name in OSC_BUFFERS:
@@ -225,11 +246,7 @@ class Quantizer(OscillationTracking, nn.Module):
                 else f"group_size={self.group_size}")
         signed = "auto" if self.signed is None else self.signed
         return (f"bits={self.bits}, signed={signed}, {gran}, grad={self.grad}, "
-                f"mode={self.mode}, calibrator={self.calibrator}"
-                + (f", every={self.every}" if self.every > 1 else "")
-                + (", narrow=True" if self.narrow else "")
-                + (", grad_scale=False" if self.mode == "learned" and not self.grad_scale
-                   else "")
+                f"{self.policy.describe()}" + (", narrow=True" if self.narrow else "")
                 + (f", oscillations tracked (momentum={self.momentum})" if self.tracking else ""))
 
     # -- forward ----------------------------------------------------------------------------
@@ -238,10 +255,13 @@ class Quantizer(OscillationTracking, nn.Module):
         if self.calibrating:
             self.observe(x)
             return x
-        if self.training and self.mode == "dynamic":
-            return self._quantize_dynamic(x)
-        if self.training and self.mode == "learned":
-            return self._quantize_learned(x)
+        if self.training:
+            return self.policy.training_forward(self, x)
+        return self.eval_forward(x)
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward with the kept scale (computed from ``x`` first if there is none and
+        ``init_from_input``)."""
         if self._unchecked:
             self.check_nonfinite()
         if not self.initialized:
@@ -249,49 +269,44 @@ class Quantizer(OscillationTracking, nn.Module):
                 raise RuntimeError(
                     f"{self.name}: no scale yet; train it (mode='dynamic') or calibrate it "
                     "(octav_kernels.calibrate_model) before using it in eval / static mode")
-            self._set_scale(self._compute_scale(x.detach(), self._signed_for(x)))
-        return self._fake_quantize(x, self.scale)
+            self.set_scale(self.scale_of(x))
+        return self.fake_quantize(x, self.scale)
 
-    def _fake_quantize(self, x, scale):
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with ``scale``: the tracked op when oscillations are tracked,
+        the LSQ op for a learned scale in training, else ``fake_quantize``."""
         if self.tracking:
             return self._fake_quantize_tracked(x, scale)
+        if self.policy.learned and self.training:
+            return fake_quantize_lsq(x, scale, self.bits, signed=self._signed_for(x),
+                                     dim=self.dim, group_size=self.group_size, grad=self.grad,
+                                     narrow=self.narrow, grad_scale=self.policy.grad_scale)
         return fake_quantize(x, scale, self.bits, signed=self._signed_for(x), dim=self.dim,
                              group_size=self.group_size, grad=self.grad, narrow=self.narrow)
 
-    def _quantize_dynamic(self, x):
+    def quantize_with_rule(self, x: torch.Tensor, init: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fake-quantized x, its scale)``: the scale rule applied to ``x`` (warm-started from
+        ``init``) in one call where the rule has a fused op (``Calibrator.quantize``)."""
+        if self.tracking:  # the tracked op quantizes with the scale it is given
+            s = self.scale_of(x, init)
+            return self.fake_quantize(x, s), s
         signed = self._signed_for(x)
-        init = self.scale if self._scale_fits(x) else None
-        if self.every > 1:
-            self.steps += 1
-            if init is not None and (self.steps - 1) % self.every != 0:
-                return self._fake_quantize(x, init)
-        if self.process_group is not None:
-            s = self._distributed_scale(x.detach(), signed, init)
-            y = self._fake_quantize(x, s)
-        elif (isinstance(self.calibrator, OctavCalibrator) and self.calibrator.is_default
-              and not self.tracking):
-            y, s = octav_fake_quantize(x, self.bits, signed=signed, dim=self.dim,
-                                       group_size=self.group_size, grad=self.grad, init=init,
-                                       narrow=self.narrow)
-        else:
-            s = self.calibrator(x.detach(), self.bits, signed=signed, dim=self.dim,
-                                group_size=self.group_size, narrow=self.narrow, init=init)
-            y = self._fake_quantize(x, s)
+        y, s = self.policy.rule.quantize(x, self.bits, signed=signed, dim=self.dim,
+                                         group_size=self.group_size, narrow=self.narrow,
+                                         grad=self.grad, init=init)
         self._check(s, x)
-        self._set_scale(s)
-        return y
+        return y, s
 
-    def _quantize_learned(self, x):
-        if not self.initialized:  # the first training forward: the calibrator's scale
-            self._set_scale(self._compute_scale(x.detach(), self._signed_for(x)))
-        self._check_learned()
-        if self.tracking:
-            return self._fake_quantize_tracked(x, self.scale)
-        return fake_quantize_lsq(x, self.scale, self.bits, signed=self._signed_for(x),
-                                 dim=self.dim, group_size=self.group_size, grad=self.grad,
-                                 narrow=self.narrow, grad_scale=self.grad_scale)
+    def scale_of(self, x: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale rule's scale of ``x`` (checked for NaN/inf), not kept."""
+        x = x.detach()
+        s = self.policy.rule(x, self.bits, signed=self._signed_for(x), dim=self.dim,
+                             group_size=self.group_size, narrow=self.narrow, init=init)
+        self._check(s, x)
+        return s
 
-    def _scale_fits(self, x) -> bool:
+    def scale_fits(self, x: torch.Tensor) -> bool:
         """Whether the kept scale has the shape this input's granularity needs."""
         shape = self._scale_shapes.get(x.shape)
         if shape is None:  # (the layout of each input shape is worked out once)
@@ -306,32 +321,12 @@ class Quantizer(OscillationTracking, nn.Module):
                     f"{self.name}: signed=None is decided from the first input, which needs one "
                     "eager forward before torch.compile (or pass signed / act_signed)")
             negative = x.numel() == 0 or bool(x.detach().min() < 0)
-            if self.process_group is not None:  # the same grid on every rank (empty: no say)
-                local = torch.tensor(float(x.numel() > 0 and negative))
-                negative = bool(distributed.all_reduce_max(local, self._group()))
+            if self.policy.process_group is not None:  # the same grid on every rank
+                local = torch.tensor(float(x.numel() > 0 and negative))  # (empty: no say)
+                negative = bool(distributed.all_reduce_max(local, self.policy.group))
             self.signed = negative
             _args.check_narrow(self.narrow, self.signed)
         return self.signed
-
-    def _group(self):
-        return None if self.process_group == "world" else self.process_group
-
-    def _distributed_scale(self, x, signed, init=None):
-        if isinstance(self.calibrator, MaxCalibrator):
-            return distributed.max_scale(x, signed=signed, dim=self.dim, group=self._group())
-        octav = self.calibrator
-        return distributed.octav_scale(x, self.bits, signed=signed, dim=self.dim, init=init,
-                                       max_iters=octav.max_iters, rtol=octav.rtol,
-                                       narrow=self.narrow, group=self._group())
-
-    def _compute_scale(self, x, signed):
-        if self.process_group is not None:
-            s = self._distributed_scale(x, signed)
-        else:
-            s = self.calibrator(x, self.bits, signed=signed, dim=self.dim,
-                                group_size=self.group_size, narrow=self.narrow)
-        self._check(s, x)
-        return s
 
     # -- NaN / inf ----------------------------------------------------------------------------
 
@@ -340,11 +335,11 @@ class Quantizer(OscillationTracking, nn.Module):
                           "scale is not finite")
 
     def _check(self, s, x) -> None:
-        seen = s if self.calibrator.propagates_nonfinite else x
+        seen = s if self.policy.rule.propagates_nonfinite else x
         if self.check_finite and not self._all_finite(seen):
             raise self._nonfinite_error("")
 
-    def _check_learned(self) -> None:
+    def check_learned(self) -> None:
         """A learned scale the optimizer drove to <= 0, NaN or inf is an error (lower the
         scales' learning rate)."""
         if self.check_finite and not self._all_finite(self.scale.detach(), positive=True):
@@ -381,7 +376,7 @@ class Quantizer(OscillationTracking, nn.Module):
         unchecked, self._unchecked = self._unchecked, 0
         if unchecked and bool(self._nonfinite):
             self._nonfinite.zero_()
-            if self.mode == "learned":
+            if self.policy.learned:
                 raise ValueError(f"{self.name}: the learned scale was not positive and finite "
                                  f"at one of the last {unchecked} training steps")
             raise self._nonfinite_error(f"of one of the last {unchecked} scale updates ")
@@ -392,14 +387,23 @@ class Quantizer(OscillationTracking, nn.Module):
 
     # -- static calibration -----------------------------------------------------------------
 
+    def start_calibration(self) -> None:
+        """Enter calibration mode (``octav_kernels.calibration``): each forward observes its
+        input and passes it through; forgets batches observed before."""
+        self.calibrating, self._calibration = True, None
+
+    def stop_calibration(self) -> None:
+        """Leave calibration mode without setting the scale (the observed batches dropped)."""
+        self.calibrating, self._calibration = False, None
+
     def observe(self, x: torch.Tensor) -> None:
         """Calibration step: compute this batch's scale and fold it into the running result
-        (mean or max over batches, ``reduce``). Always checks x for NaN/inf."""
+        (mean or max over batches, the policy's ``reduce``). Always checks x for NaN/inf."""
         x = x.detach()
-        signed = self._signed_for(x)
+        self._signed_for(x)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.name}: a calibration batch contains NaN or inf")
-        s = self._compute_scale(x, signed).double()
+        s = self.scale_of(x).double()
         if self._calibration is None:
             self._calibration = (s, 1)
             return
@@ -407,8 +411,7 @@ class Quantizer(OscillationTracking, nn.Module):
         if acc.shape != s.shape:
             raise ValueError(f"{self.name}: calibration batches give scales of shapes "
                              f"{list(acc.shape)} and {list(s.shape)}")
-        acc = acc + s if self.reduce == "mean" else torch.maximum(acc, s)
-        self._calibration = (acc, count + 1)
+        self._calibration = (self.policy.combine(acc, s), count + 1)
 
     def finish_calibration(self) -> bool:
         """Leave calibration mode and set the scale from the observed batches. Returns False
@@ -418,11 +421,12 @@ class Quantizer(OscillationTracking, nn.Module):
             return False
         acc, count = self._calibration
         self._calibration = None
-        s = (acc / count if self.reduce == "mean" else acc).float()
-        if self.process_group is not None:  # every rank observed its own batches
-            s = (distributed.all_reduce_mean(s, self._group()) if self.reduce == "mean"
-                 else distributed.all_reduce_max(s, self._group()))
-        self._set_scale(s)
+        mean = self.policy.reduce == "mean"
+        s = (acc / count if mean else acc).float()
+        if self.policy.process_group is not None:  # every rank observed its own batches
+            reduce = distributed.all_reduce_mean if mean else distributed.all_reduce_max
+            s = reduce(s, self.policy.group)
+        self.set_scale(s)
         return True
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _args, reference
+from .. import _args
 from ..ops.oscillation import OscillationState, dampening_loss, fake_quantize_tracked
 
 # Oscillation tracking state (OscillationState), buffer name: dtype.
@@ -16,7 +16,8 @@ OSC_BUFFERS = {"osc_last_int": torch.int8, "osc_last_dir": torch.int8, "osc_froz
 
 class OscillationTracking:
     """Oscillation tracking for a quantizer (a ``torch.nn.Module`` with ``bits``, ``signed``,
-    ``dim``, ``group_size``, ``narrow``, ``grad``, ``name`` and a ``scale`` buffer). Off until
+    ``dim``, ``group_size``, ``narrow``, ``grad``, ``name``, ``grid``, ``policy`` and a
+    ``scale``). Off until
     ``track_oscillations()``; the state lives in the buffers ``osc_last_int``, ``osc_last_dir``,
     ``osc_frozen``, ``osc_freq`` and ``osc_int_ema`` (saved in ``state_dict``)."""
 
@@ -71,11 +72,12 @@ class OscillationTracking:
         return OscillationState(*(getattr(self, name) for name in OSC_BUFFERS))
 
     def _fake_quantize_tracked(self, x, scale):
+        learned = self.policy.learned and self.training
         return fake_quantize_tracked(
             x, scale, self.bits, self._oscillation_state(x, scale), signed=self.signed,
             dim=self.dim, group_size=self.group_size, grad=self.grad, narrow=self.narrow,
             momentum=self.momentum, freeze_threshold=self.osc_threshold, update=self.training,
-            learned=self.mode == "learned" and self.training, grad_scale=self.grad_scale)
+            learned=learned, grad_scale=self.policy.grad_scale if learned else True)
 
     def frozen_fraction(self) -> float:
         """Fraction of the tracked elements that are frozen (0 before tracking starts)."""
@@ -96,11 +98,10 @@ class OscillationTracking:
         how many were set."""
         if not self.tracking or self.osc_frozen.shape != w.shape:
             return 0
-        L = _args.levels(self.bits, bool(self.signed), self.narrow)[0]
+        grid = self.grid
         with torch.no_grad():
-            step = reference.grid_step(self.scale, w, self.dim, self.group_size, L)
-            w.copy_(torch.where(self.osc_frozen, (self.osc_last_int.float() * step).to(w.dtype),
-                                w))
+            kept = grid.dequantize(self.osc_last_int, grid.step(self.scale)).to(w.dtype)
+            w.copy_(torch.where(self.osc_frozen, kept, w))
         return int(self.osc_frozen.sum())
 
     def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
