@@ -32,6 +32,10 @@ enum Grad : int64_t { kSte = 0, kPwl = 1, kMad = 2 };
 
 // The largest max_iters any backend accepts (the recursion converges in tens of steps).
 constexpr int64_t kMaxIters = 1 << 16;
+// The default OCTAV iteration, the one octav_fake_quantize runs (octav_kernels/_args.py:
+// DEFAULT_MAX_ITERS, DEFAULT_RTOL).
+constexpr int64_t kDefaultMaxIters = 32;
+constexpr double kDefaultRtol = 1e-6;
 
 void check_x(const at::Tensor& x, const char* name = "x");
 void check_bits(int64_t bits);

@@ -1,9 +1,10 @@
 // The octav ops' C++ entry points, written once for every device: each checks its arguments
 // (args.h: SPEC §6's TypeError / ValueError naming the argument), returns early on an empty
 // input, lays the tensor out as the kernels read it, and calls the device's kernels K
-// (cpu::Kernels, cuda::Kernels). The device files register ops<K> for their dispatch key, next
-// to their kernels (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu). The schemas are defined in
-// octav_kernels/ops/.
+// (cpu::Kernels, cuda::Kernels), named after the op. csrc/ops.cpp registers register_ops<K> for
+// each device's dispatch key; the kernels are in csrc/<device>/<family>.{cpp,cu}. The schemas
+// are defined in octav_kernels/ops/. Decisions above the kernels live here: e.g. whether
+// octav_fake_quantize runs a fused kernel or is composed of two.
 //
 // K is the device's struct of kernels (csrc/kernels.h: OCTAV_KERNELS_INTERFACE); the reductions
 // (masked_sums, octav_scale, candidate_sse) take the reductions' layout (reduction_layout).
@@ -79,8 +80,8 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad_out, const at::Tensor& 
   check_matches(grad_out, x, "grad_out", "x");
   const at::Tensor fr = check_frozen(frozen, x);
   if (x.numel() == 0) return empty_like_x(x);
-  return K::backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s, g, is_signed,
-                     mode, fr);
+  return K::fake_quantize_backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s,
+                                   g, is_signed, mode, fr);
 }
 
 // The learned-scale (LSQ) op: fake_quantize's values; its backward also reduces the scale's
@@ -106,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_lsq_backward(
   if (x.numel() == 0) return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat)};
   const Levels lv = levels(bits, is_signed, narrow);
   auto [grad_x, grad_s] =
-      K::lsq_backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s, g, lv,
-                      is_signed, mode, fr, lsq_coefficient(g.len(), lv, grad_scale));
+      K::fake_quantize_lsq_backward(grad_out.to(x.scalar_type()).contiguous(), x.contiguous(), s,
+                                    g, lv, is_signed, mode, fr,
+                                    lsq_coefficient(g.len(), lv, grad_scale));
   return {grad_x, grad_s.view(g.scale_shape)};
 }
 
@@ -124,8 +126,9 @@ at::Tensor fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale, i
   check_tracked(x, bits, is_signed, last_int, last_dir, frozen, osc_freq, int_ema, momentum,
                 freeze_threshold);
   if (x.numel() == 0) return empty_like_x(x);
-  return K::tracked(x.contiguous(), s, g, levels(bits, is_signed, narrow), last_int, last_dir,
-                    frozen, osc_freq, int_ema, momentum, freeze_threshold, update);
+  return K::fake_quantize_tracked(x.contiguous(), s, g, levels(bits, is_signed, narrow), last_int,
+                                  last_dir, frozen, osc_freq, int_ema, momentum,
+                                  freeze_threshold, update);
 }
 
 template <typename K>
@@ -136,7 +139,7 @@ at::Tensor dampening_error(const at::Tensor& w, const at::Tensor& scale, int64_t
   const at::Tensor s = check_scale(scale, w, g);
   const at::Tensor fr = check_frozen(frozen, w);
   if (w.numel() == 0) return at::empty(w.sizes(), w.options().dtype(at::kFloat));
-  return K::dampening(w.contiguous(), at::Tensor(), s, g, levels(bits, is_signed, narrow), fr);
+  return K::dampening_error(w.contiguous(), s, g, levels(bits, is_signed, narrow), fr);
 }
 
 template <typename K>
@@ -148,8 +151,8 @@ at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
   const at::Tensor fr = check_frozen(frozen, w);
   check_matches(grad, w, "grad", "w");
   if (w.numel() == 0) return empty_like_x(w);
-  return K::dampening(w.contiguous(), grad.to(at::kFloat).contiguous(), s, g,
-                      levels(bits, is_signed, narrow), fr);
+  return K::dampening_backward(grad.to(at::kFloat).contiguous(), w.contiguous(), s, g,
+                               levels(bits, is_signed, narrow), fr);
 }
 
 // ------------------------------------------------------------------------------ OCTAV
@@ -193,6 +196,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
   return {s_out.view(g.scale_shape), n_in.view(g.scale_shape), n_out.view(g.scale_shape)};
 }
 
+// The OCTAV scale (the default iteration) and the fake-quant with it, with the packed PWL mask
+// if with_mask: the device's fused kernel where it has one (K::kFusedOctav) and the groups are
+// read in x's own layout; otherwise composed: the scale, then the fake-quant of the original
+// layout with it (one more read of x).
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_octav(const at::Tensor& x,
+                                                           const at::Tensor& init,
+                                                           const Groups& g, int64_t bits,
+                                                           bool is_signed, bool narrow,
+                                                           bool with_mask) {
+  if constexpr (K::kFusedOctav) {
+    if (!transposed_for_kernels(g)) {
+      return K::octav_fake_quantize(x, init, g, bits, is_signed, narrow, with_mask);
+    }
+  }
+  const auto [xr, gr] = reduction_layout(x, g);
+  const at::Tensor scale = K::octav_scale(xr, init, gr, is_signed,
+                                          octav_constant(bits, is_signed, narrow),
+                                          kDefaultMaxIters, kDefaultRtol);
+  at::Tensor mask = at::empty({0}, x.options().dtype(at::kInt));
+  at::Tensor y = K::fake_quantize(x.contiguous(), scale, g, levels(bits, is_signed, narrow),
+                                  is_signed, with_mask ? &mask : nullptr);
+  return {y, scale, mask};
+}
+
 template <typename K>
 std::tuple<at::Tensor, at::Tensor> octav_fake_quantize(const at::Tensor& x, int64_t bits,
                                                        bool is_signed, OptInt dim,
@@ -202,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> octav_fake_quantize(const at::Tensor& x, int6
   const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
   check_grad(grad);
   if (x.numel() == 0) return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat)};
-  auto [y, scale, mask] = K::fused(x, init_flat, g, bits, is_signed, narrow, false);
+  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, false);
   return {y, scale.view(g.scale_shape)};
 }
 
@@ -215,24 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize_packed(
   if (x.numel() == 0) {
     return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat), empty_mask(x)};
   }
-  auto [y, scale, mask] = K::fused(x, init_flat, g, bits, is_signed, narrow, true);
+  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, true);
   return {y, scale.view(g.scale_shape), mask};
-}
-
-// The fused op composed: the scale, then the fake-quant of the original layout with it.
-template <typename K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_fused(const at::Tensor& x,
-                                                             const at::Tensor& init,
-                                                             const Groups& g, int64_t bits,
-                                                             bool is_signed, bool narrow,
-                                                             bool with_mask) {
-  const auto [xr, gr] = reduction_layout(x, g);
-  const at::Tensor scale =
-      K::octav_scale(xr, init, gr, is_signed, octav_constant(bits, is_signed, narrow), 32, 1e-6);
-  at::Tensor mask = at::empty({0}, x.options().dtype(at::kInt));
-  at::Tensor y = K::fake_quantize(x.contiguous(), scale, g, levels(bits, is_signed, narrow),
-                                  is_signed, with_mask ? &mask : nullptr);
-  return {y, scale, mask};
 }
 
 // ------------------------------------------------------------------------------ refinement
@@ -250,7 +262,7 @@ at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t bi
                           levels(bits, is_signed, narrow));
 }
 
-// The whole refinement search (devices whose kernels run it: K::refine).
+// The whole refinement search (devices whose kernels run it: K::refine_scale).
 template <typename K>
 at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
                         bool is_signed, OptInt dim, OptInt group_size, bool narrow) {
@@ -258,7 +270,8 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t bi
   const at::Tensor s = check_scale(scale, x, g);
   if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
   const auto [xr, gr] = reduction_layout(x, g);
-  return K::refine(xr, s, gr, levels(bits, is_signed, narrow), is_signed).view(g.scale_shape);
+  return K::refine_scale(xr, s, gr, levels(bits, is_signed, narrow), is_signed)
+      .view(g.scale_shape);
 }
 
 // Registers the ops every device implements with K's kernels (refine_scale: see ops.cpp).

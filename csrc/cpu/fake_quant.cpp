@@ -4,7 +4,7 @@
 // oscillation-dampening term. All are single elementwise passes split across threads by element
 // ranges (whole 32-element words of the mask); a range is walked in runs of contiguous elements
 // that share one scale (row r = o * n_groups + c of the [outer, n_groups, inner] view uses
-// scale[c]). Registered for the CPU dispatch key at the end of the file.
+// scale[c]). The element math is csrc/grid.h's (shared with CUDA).
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "../grid.h"
 
 namespace octav::cpu {
 namespace {
@@ -34,35 +36,6 @@ void for_each_run(const Groups& g, const float* scale, const F& fn) {
       k = end;
     }
   });
-}
-
-// r clamped to [lo, hi]; the comparisons keep NaN.
-inline float clamp_level(float r, float lo, float hi) { return r < lo ? lo : (r > hi ? hi : r); }
-
-// SPEC §1's integer level clamp(round(v / step), lo, hi) for step != 0: v / step in float32,
-// nearbyint rounds half to even.
-inline float grid_level(float v, float step, float lo, float hi) {
-  return clamp_level(std::nearbyint(v / step), lo, hi);
-}
-
-// SPEC §1's q = level * step, 0 where step == 0 (an all-zero group, or s / L underflows).
-inline float quantize(float v, float step, float lo, float hi) {
-  return step == 0.0f ? 0.0f : grid_level(v, step, lo, hi) * step;
-}
-
-
-// Whether PWL passes the gradient of v (SPEC §3): |v| <= s signed, 0 <= v <= s unsigned.
-template <typename C>
-inline bool inside(C v, C s, bool is_signed) {
-  return is_signed ? std::abs(v) <= s : (v >= C(0) && v <= s);
-}
-
-// The estimator's gradient of element v for the incoming g (SPEC §3's table).
-template <typename C>
-inline C estimator_grad(C g, C v, C s, bool is_signed, Grad mode) {
-  if (mode == kSte || inside(v, s, is_signed)) return g;
-  if (mode == kPwl || (!is_signed && v < C(0))) return C(0);
-  return g * (s / (is_signed ? std::abs(v) : v));  // MAD: g * s / |x|
 }
 
 }  // namespace
@@ -105,10 +78,12 @@ at::Tensor Kernels::fake_quantize(const at::Tensor& x, const at::Tensor& scale, 
   return y;
 }
 
-at::Tensor Kernels::tracked(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
-                            const Levels& lv, at::Tensor& last_int, at::Tensor& last_dir,
-                            at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                            double momentum, const at::Tensor& freeze_threshold, bool update) {
+at::Tensor Kernels::fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale,
+                                          const Groups& g, const Levels& lv,
+                                          at::Tensor& last_int, at::Tensor& last_dir,
+                                          at::Tensor& frozen, at::Tensor& osc_freq,
+                                          at::Tensor& int_ema, double momentum,
+                                          const at::Tensor& freeze_threshold, bool update) {
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const float fl = static_cast<float>(lv.L), flo = static_cast<float>(lv.lo),
               fhi = static_cast<float>(lv.hi);
@@ -141,7 +116,7 @@ at::Tensor Kernels::tracked(const at::Tensor& x, const at::Tensor& scale, const 
           ema_p[k] = ema;
           int kept = level;
           if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
-            kept = static_cast<int>(clamp_level(std::nearbyint(ema), flo, fhi));
+            kept = static_cast<int>(clamp_level(round_half_even(ema), flo, fhi));
             frozen_p[k] = true;
           }
           level_p[k] = static_cast<int8_t>(kept);
@@ -194,15 +169,20 @@ at::Tensor dampening_kernel(const at::Tensor& w, const at::Tensor& grad, const a
 
 }  // namespace
 
-at::Tensor Kernels::dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
-                              const Groups& g, const Levels& lv, const at::Tensor& frozen) {
-  return grad.defined() ? dampening_kernel<true>(w, grad, scale, g, lv, frozen)
-                        : dampening_kernel<false>(w, grad, scale, g, lv, frozen);
+at::Tensor Kernels::dampening_error(const at::Tensor& w, const at::Tensor& scale, const Groups& g,
+                                    const Levels& lv, const at::Tensor& frozen) {
+  return dampening_kernel<false>(w, at::Tensor(), scale, g, lv, frozen);
 }
 
-at::Tensor Kernels::backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
-                             const Groups& g, bool is_signed, Grad mode,
-                             const at::Tensor& frozen) {
+at::Tensor Kernels::dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                                       const at::Tensor& scale, const Groups& g,
+                                       const Levels& lv, const at::Tensor& frozen) {
+  return dampening_kernel<true>(w, grad, scale, g, lv, frozen);
+}
+
+at::Tensor Kernels::fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& scale, const Groups& g,
+                                           bool is_signed, Grad mode, const at::Tensor& frozen) {
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fq_backward", [&] {
@@ -238,103 +218,6 @@ at::Tensor Kernels::pwl_backward_packed(const at::Tensor& g, const at::Tensor& m
     });
   });
   return gx;
-}
-
-}  // namespace octav::cpu
-
-namespace octav::cpu {
-namespace {
-
-constexpr int64_t kLsqChunk = 1 << 14;  // elements per partial sum of a learned scale's gradient
-
-// The estimator's grad_x of elements [begin, end) of group c (a contiguous run of one row),
-// and the float64 sum of their terms grad * (n - v or n) of the scale's gradient
-// (reference.fake_quantize_lsq_backward).
-template <typename T>
-double lsq_run(const T* gp, const T* xp, T* op, const bool* frozen_p, int64_t begin,
-               int64_t end, float sf, const Levels& lv, bool is_signed, Grad mode) {
-  using C = at::opmath_type<T>;
-  const float fl = static_cast<float>(lv.L), flo = static_cast<float>(lv.lo),
-              fhi = static_cast<float>(lv.hi);
-  const float step = sf / fl;
-  const C s = static_cast<C>(sf);
-  double acc = 0.0;
-  for (int64_t k = begin; k < end; ++k) {
-    const C gk = static_cast<C>(gp[k]);
-    const bool off = frozen_p != nullptr && frozen_p[k];
-    op[k] = static_cast<T>(off ? C(0)
-                               : estimator_grad(gk, static_cast<C>(xp[k]), s, is_signed, mode));
-    if (step != 0.0f && !off) {
-      const float v = static_cast<float>(xp[k]) / step;
-      const float n = clamp_level(std::nearbyint(v), flo, fhi);
-      const float d = (v >= flo && v <= fhi) ? n - v : n;
-      acc += static_cast<double>(gk) * static_cast<double>(d);
-    }
-  }
-  return acc;
-}
-
-}  // namespace
-
-// Per group, the elements are cut into fixed chunks of kLsqChunk whose partial sums are added
-// in chunk order, whether the groups run in parallel (many groups) or the chunks of each group
-// do (few groups): the same bits for any thread count.
-std::tuple<at::Tensor, at::Tensor> Kernels::lsq_backward(const at::Tensor& grad,
-                                                         const at::Tensor& x,
-                                                         const at::Tensor& scale,
-                                                         const Groups& g, const Levels& lv,
-                                                         bool is_signed, Grad mode,
-                                                         const at::Tensor& frozen,
-                                                         double coefficient) {
-  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto gs = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
-  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
-  const float* sp = scale.data_ptr<float>();
-  float* gsp = gs.data_ptr<float>();
-  const int64_t len = g.len(), n_chunks = (len + kLsqChunk - 1) / kLsqChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lsq_bwd", [&] {
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = gx.data_ptr<scalar_t>();
-    // Group c's elements [b, e) (in (outer, inner) order): grad_x and their partial sum.
-    auto chunk = [&](int64_t c, int64_t b, int64_t e) {
-      double acc = 0.0;
-      for (int64_t j = b; j < e;) {
-        const int64_t o = j / g.inner, i = j % g.inner, n = std::min(g.inner - i, e - j);
-        const int64_t at = (o * g.n_groups + c) * g.inner + i;
-        acc += lsq_run(gp, xp, op, frozen_p, at, at + n, sp[c], lv, is_signed, mode);
-        j += n;
-      }
-      return acc;
-    };
-    auto finish = [&](int64_t c, const double* partial) {
-      double total = 0.0;
-      for (int64_t k = 0; k < n_chunks; ++k) total += partial[k];
-      gsp[c] = static_cast<float>(total * coefficient);
-    };
-    if (g.n_groups >= at::get_num_threads()) {
-      at::parallel_for(0, g.n_groups, 1, [&](int64_t b, int64_t e) {
-        std::vector<double> partial(n_chunks);
-        for (int64_t c = b; c < e; ++c) {
-          for (int64_t k = 0; k < n_chunks; ++k) {
-            partial[k] = chunk(c, k * kLsqChunk, std::min(len, (k + 1) * kLsqChunk));
-          }
-          finish(c, partial.data());
-        }
-      });
-      return;
-    }
-    std::vector<double> partial(n_chunks);
-    for (int64_t c = 0; c < g.n_groups; ++c) {
-      at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) {
-          partial[k] = chunk(c, k * kLsqChunk, std::min(len, (k + 1) * kLsqChunk));
-        }
-      });
-      finish(c, partial.data());
-    }
-  });
-  return {gx, gs};
 }
 
 }  // namespace octav::cpu

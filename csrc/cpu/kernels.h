@@ -1,7 +1,8 @@
 // The CPU kernels of the octav ops (csrc/ops.h says what each computes), one family per file:
-// octav.cpp (masked sums, the OCTAV fixed point, the composed fused op), fake_quant.cpp
-// (fake-quant forward with the packed PWL mask, backward, tracked forward, dampening),
-// refine.cpp (the refinement search and its candidate passes). Tensors are checked and
+// octav.cpp (masked sums, the OCTAV fixed point; octav_fake_quantize is composed by ops.h),
+// fake_quant.cpp (fake-quant forward with the packed PWL mask, backward, tracked forward,
+// dampening), lsq.cpp (the learned-scale backward), refine.cpp (the refinement search and its
+// candidate passes). Tensors are checked and
 // contiguous, seen as [outer, n_groups, inner] (Groups); scales are float32 [n_groups].
 #pragma once
 
@@ -11,9 +12,10 @@ namespace octav::cpu {
 
 struct Kernels {
   OCTAV_KERNELS_INTERFACE
-  // The whole refinement search (refine_scale), in C++ on the CPU.
-  static at::Tensor refine(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
-                           const Levels& lv, bool is_signed);
+  static constexpr bool kFusedOctav = false;  // (the scale, then the fake-quant with it)
+  // The whole refinement search, in C++ on the CPU.
+  static at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
+                                 const Levels& lv, bool is_signed);
 };
 
 }  // namespace octav::cpu

@@ -29,8 +29,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include "../ops.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -38,6 +36,8 @@
 #include <mutex>
 #include <utility>
 #include <vector>
+
+#include "../grid.h"
 
 namespace octav::cpu {
 namespace {
@@ -69,17 +69,6 @@ struct Sums {
     a_max = std::max(a_max, o.a_max);
   }
 };
-
-// The thresholded quantity: |x| signed, x unsigned (entries <= 0 are ignored by the masks).
-// Unsigned -inf becomes +inf so every non-finite entry reaches the scale (SPEC §6).
-template <bool Signed, typename C>
-inline C magnitude(C v) {
-  if constexpr (Signed) {
-    return std::abs(v);
-  } else {
-    return std::abs(v) == std::numeric_limits<C>::infinity() ? std::abs(v) : v;
-  }
-}
 
 // Group c of the contiguous [outer, n_groups, inner] view: element j is x[j / inner, c, j % inner].
 template <typename T>
@@ -379,7 +368,7 @@ float octav_group(const GroupView<T>& g, const float* init, double octav_const,
   const bool warm = init != nullptr && init[g.c] > 0.0f;
   // The bracketed solver finds the fixed point; the plain iteration is kept where its exact
   // path matters (early stops: large rtol, few iterations) or a group is cache-resident.
-  const bool bracketed = g.len >= kBracketMin && rtol <= 1e-6 && max_iters >= 16;
+  const bool bracketed = g.len >= kBracketMin && rtol <= kDefaultRtol && max_iters >= 16;
   if (bracketed && warm && std::isfinite(init[g.c])) {
     const float s = init[g.c];
     return octav_bracketed<T, Signed>(g, s, octav_const, max_iters, rtol,
@@ -465,15 +454,6 @@ at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, con
     });
   });
   return scale;
-}
-
-// The CPU has no fused kernel: the scale, then the fake-quant with it (one more read of x).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::fused(const at::Tensor& x,
-                                                              const at::Tensor& init,
-                                                              const Groups& g, int64_t bits,
-                                                              bool is_signed, bool narrow,
-                                                              bool with_mask) {
-  return ops::compose_fused<Kernels>(x, init, g, bits, is_signed, narrow, with_mask);
 }
 
 }  // namespace octav::cpu

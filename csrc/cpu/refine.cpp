@@ -385,8 +385,8 @@ float refine_search(float s0f, float mf, const SSE& sse) {
 
 }  // namespace
 
-at::Tensor Kernels::refine(const at::Tensor& x, const at::Tensor& scale, const Groups& gr,
-                         const Levels& lv, bool is_signed) {
+at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, const Groups& gr,
+                                 const Levels& lv, bool is_signed) {
   const int64_t outer = gr.outer, n_groups = gr.n_groups, inner = gr.inner;
   const int64_t L = lv.L, lo = lv.lo, hi = lv.hi;
   auto out = at::empty({n_groups}, scale.options());

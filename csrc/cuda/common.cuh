@@ -1,5 +1,6 @@
-// Device helpers shared by the CUDA kernel families: the thresholded magnitude, the quantizer of
-// SPEC §1, 16-byte vector loads of 8 elements, and (S_out, n_in, n_out, max a) reductions.
+// Device helpers shared by the CUDA kernel families (the element math of SPEC §1 is csrc/grid.h's,
+// shared with the CPU): 16-byte vector loads of 8 elements, and (S_out, n_in, n_out, max a)
+// reductions.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#include "../grid.h"
 
 namespace octav::cuda {
 
@@ -31,45 +34,8 @@ void dispatch_bool(bool b, const F& f) {
 }
 
 constexpr int kWarp = 32;
+constexpr int kThreads = 256;  // per block of the elementwise and LSQ kernels
 constexpr int kChunk = 8;  // elements per thread step of the elementwise kernels: 16 or 32 bytes
-
-// |x| signed; x unsigned with -inf mapped to +inf so every non-finite entry reaches the scale.
-template <bool Signed>
-__device__ __forceinline__ float magnitude(float v) {
-  if constexpr (Signed) {
-    return fabsf(v);
-  } else {
-    return fabsf(v) == INFINITY ? INFINITY : v;
-  }
-}
-
-// SPEC §1: clamp(round(x / step), lo, hi) * step, step = s / L, with IEEE division and
-// round-half-even (as the CPU kernels); 0 where step == 0 (s == 0, or a subnormal s whose s / L
-// underflows); the comparisons keep NaN.
-// `step` is s / L (callers compute it once per group).
-__device__ __forceinline__ float clamp_level(float r, float lo, float hi) {
-  return r < lo ? lo : (r > hi ? hi : r);
-}
-
-// The integer level clamp(round(v / step), lo, hi), for step != 0.
-__device__ __forceinline__ float grid_level(float v, float step, float lo, float hi) {
-  return clamp_level(rintf(__fdiv_rn(v, step)), lo, hi);
-}
-
-__device__ __forceinline__ float quantize(float v, float step, float lo, float hi) {
-  if (step == 0.0f) return 0.0f;
-  return __fmul_rn(grid_level(v, step, lo, hi), step);
-}
-
-// Whether PWL passes the gradient of x (SPEC §3): |x| <= s signed, 0 <= x <= s unsigned.
-template <bool Signed>
-__device__ __forceinline__ bool inside(float v, float s) {
-  if constexpr (Signed) {
-    return fabsf(v) <= s;
-  } else {
-    return v >= 0.0f && v <= s;
-  }
-}
 
 // 8 consecutive elements through 16-byte loads and stores (p 16-byte aligned).
 template <typename T>

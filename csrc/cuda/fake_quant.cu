@@ -15,8 +15,6 @@
 namespace octav::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
 template <typename T, bool Vec, bool Signed, bool WriteMask>
 __global__ void __launch_bounds__(kThreads)
     fake_quantize_kernel(const T* __restrict__ x, T* __restrict__ y,
@@ -24,19 +22,6 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t numel, int64_t n_groups, int64_t inner, float L, float lo,
                          float hi) {
   quantize_chunks<T, Vec, Signed, WriteMask>(x, y, scale, mask, numel, n_groups, inner, L, lo, hi);
-}
-
-template <bool Signed, int M>
-__device__ __forceinline__ float grad_of(float g, float v, float s) {
-  if constexpr (M == kSte) {
-    return g;
-  } else if constexpr (M == kPwl) {
-    return inside<Signed>(v, s) ? g : 0.0f;
-  } else {
-    if (inside<Signed>(v, s)) return g;
-    if (!Signed && v < 0.0f) return 0.0f;
-    return __fmul_rn(g, __fdiv_rn(s, Signed ? fabsf(v) : v));  // g * s / |x|
-  }
 }
 
 // One thread per element (grid-stride): the level, the state update of reference
@@ -73,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
       ema_p[k] = ema;
       last = level;
       if (threshold > 0.0f && freq > threshold) {  // freeze at the rounded EMA level
-        last = static_cast<int>(clamp_level(rintf(ema), lo, hi));
+        last = static_cast<int>(clamp_level(round_half_even(ema), lo, hi));
         frozen = true;
         frozen_p[k] = true;
       }
@@ -132,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
     auto one = [&](float g, float v, int64_t k) {
       if (cur.next() && M != kSte) s = scale[cur.g];
       if (frozen != nullptr && frozen[k]) return static_cast<T>(0.0f);  // frozen weight
-      return static_cast<T>(grad_of<Signed, M>(g, v, s));
+      return static_cast<T>(estimator_grad(g, v, s, Signed, static_cast<Grad>(M)));
     };
     if (Vec && k0 + kChunk <= numel) {
       Chunk<T> g = load_chunk(grad + k0);
@@ -150,49 +135,6 @@ __global__ void __launch_bounds__(kThreads)
                          M == kSte ? 0.0f : static_cast<float>(x[k0 + j]), k0 + j);
       }
     }
-  }
-}
-
-// The learned-scale backward (reference.fake_quantize_lsq_backward): item b = c * splits + split
-// is elements [split * per, (split + 1) * per) of group c; a block writes their grad_x and the
-// float64 sum of their terms grad * (n - v or n) of the scale's gradient (blocks loop over
-// items; the partials are added per group in order after).
-template <typename T, bool Signed, int M>
-__global__ void __launch_bounds__(kThreads)
-    lsq_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ gx,
-                        const float* __restrict__ scale, const bool* __restrict__ frozen,
-                        double* __restrict__ partials, int64_t outer, int64_t n_groups,
-                        int64_t inner, int64_t splits, int64_t per, float L, float lo,
-                        float hi) {
-  __shared__ double scratch[kThreads / kWarp];
-  const int64_t len = outer * inner;
-  for (int64_t item = blockIdx.x; item < n_groups * splits; item += gridDim.x) {
-    const int64_t c = item / splits, split = item % splits;
-    const float s = scale[c], step = __fdiv_rn(s, L);
-    const int64_t end = std::min(len, (split + 1) * per);
-    double acc = 0.0;
-    for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
-      const int64_t o = outer == 1 ? 0 : j / inner;
-      const int64_t k = (o * n_groups + c) * inner + (j - o * inner);
-      const float g = static_cast<float>(grad[k]), v0 = static_cast<float>(x[k]);
-      const bool off = frozen != nullptr && frozen[k];
-      gx[k] = static_cast<T>(off ? 0.0f : grad_of<Signed, M>(g, v0, s));
-      if (step != 0.0f && !off) {
-        const float v = __fdiv_rn(v0, step);
-        const float n = clamp_level(rintf(v), lo, hi);
-        const float d = (v >= lo && v <= hi) ? __fsub_rn(n, v) : n;
-        acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(g), static_cast<double>(d)));
-      }
-    }
-    for (int d = kWarp / 2; d > 0; d /= 2) acc += __shfl_down_sync(0xffffffffu, acc, d);
-    if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < kThreads / kWarp; ++w) total += scratch[w];
-      partials[item] = total;
-    }
-    __syncthreads();  // the next item reuses the scratch
   }
 }
 
@@ -256,10 +198,12 @@ at::Tensor Kernels::fake_quantize(const at::Tensor& x, const at::Tensor& scale, 
   return y;
 }
 
-at::Tensor Kernels::tracked(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
-                            const Levels& lv, at::Tensor& last_int, at::Tensor& last_dir,
-                            at::Tensor& frozen, at::Tensor& osc_freq, at::Tensor& int_ema,
-                            double momentum, const at::Tensor& freeze_threshold, bool update) {
+at::Tensor Kernels::fake_quantize_tracked(const at::Tensor& x, const at::Tensor& scale,
+                                          const Groups& g, const Levels& lv,
+                                          at::Tensor& last_int, at::Tensor& last_dir,
+                                          at::Tensor& frozen, at::Tensor& osc_freq,
+                                          at::Tensor& int_ema, double momentum,
+                                          const at::Tensor& freeze_threshold, bool update) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t numel = x.numel(), n_groups = g.n_groups, inner = g.inner;
@@ -277,9 +221,11 @@ at::Tensor Kernels::tracked(const at::Tensor& x, const at::Tensor& scale, const 
   return y;
 }
 
+namespace {
+
 // err (float32) for grad undefined, else grad_w (w's dtype).
-at::Tensor Kernels::dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
-                              const Groups& g, const Levels& lv, const at::Tensor& frozen) {
+at::Tensor dampening(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& scale,
+                     const Groups& g, const Levels& lv, const at::Tensor& frozen) {
   const c10::cuda::CUDAGuard guard(w.device());
   const bool backward = grad.defined();
   auto out = backward ? at::empty_like(w, at::MemoryFormat::Contiguous)
@@ -305,9 +251,22 @@ at::Tensor Kernels::dampening(const at::Tensor& w, const at::Tensor& grad, const
   return out;
 }
 
-at::Tensor Kernels::backward(const at::Tensor& grad, const at::Tensor& x,
-                             const at::Tensor& scale, const Groups& g, bool is_signed,
-                             Grad mode, const at::Tensor& frozen) {
+}  // namespace
+
+at::Tensor Kernels::dampening_error(const at::Tensor& w, const at::Tensor& scale, const Groups& g,
+                                    const Levels& lv, const at::Tensor& frozen) {
+  return dampening(w, at::Tensor(), scale, g, lv, frozen);
+}
+
+at::Tensor Kernels::dampening_backward(const at::Tensor& grad, const at::Tensor& w,
+                                       const at::Tensor& scale, const Groups& g,
+                                       const Levels& lv, const at::Tensor& frozen) {
+  return dampening(w, grad, scale, g, lv, frozen);
+}
+
+at::Tensor Kernels::fake_quantize_backward(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& scale, const Groups& g,
+                                           bool is_signed, Grad mode, const at::Tensor& frozen) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t numel = x.numel(), n_groups = g.n_groups, inner = g.inner;
@@ -357,50 +316,6 @@ at::Tensor Kernels::pwl_backward_packed(const at::Tensor& grad, const at::Tensor
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return gx;
-}
-
-std::tuple<at::Tensor, at::Tensor> Kernels::lsq_backward(const at::Tensor& grad,
-                                                         const at::Tensor& x,
-                                                         const at::Tensor& scale,
-                                                         const Groups& g, const Levels& lv,
-                                                         bool is_signed, Grad mode,
-                                                         const at::Tensor& frozen,
-                                                         double coefficient) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t n_groups = g.n_groups, len = g.len();
-  // Enough slices to fill the GPU, none shorter than 4 elements per thread.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t splits = std::max<int64_t>(
-      1, std::min<int64_t>((len + kThreads * 4 - 1) / (kThreads * 4),
-                           (4 * sms + n_groups - 1) / n_groups));
-  const int64_t per = (len + splits - 1) / splits;
-  auto partials = at::empty({n_groups, splits}, x.options().dtype(at::kDouble));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto blocks =
-      static_cast<unsigned>(std::min<int64_t>(n_groups * splits, int64_t{1} << 30));
-  const bool* frozen_p = frozen.numel() > 0 ? frozen.data_ptr<bool>() : nullptr;
-  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "lsq_backward", [&] {
-    dispatch_bool(is_signed, [&](auto sg) {
-      constexpr bool S = decltype(sg)::value;
-      auto launch = [&](auto kernel) {
-        kernel<<<blocks, kThreads, 0, stream>>>(
-            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-            scale.data_ptr<float>(), frozen_p, partials.data_ptr<double>(), g.outer, n_groups,
-            g.inner, splits, per, static_cast<float>(lv.L), static_cast<float>(lv.lo),
-            static_cast<float>(lv.hi));
-      };
-      if (mode == kSte) {
-        launch(lsq_backward_kernel<scalar_t, S, kSte>);
-      } else if (mode == kPwl) {
-        launch(lsq_backward_kernel<scalar_t, S, kPwl>);
-      } else {
-        launch(lsq_backward_kernel<scalar_t, S, kMad>);
-      }
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gx, (partials.sum(1) * coefficient).to(at::kFloat)};
 }
 
 }  // namespace octav::cuda

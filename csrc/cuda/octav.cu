@@ -20,7 +20,6 @@
 #include "kernels.h"
 #include "common.cuh"
 #include "solver_path.h"
-#include "../ops.h"
 
 #include <cooperative_groups.h>
 
@@ -403,21 +402,16 @@ at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, con
   return scale;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::fused(const at::Tensor& x,
-                                                              const at::Tensor& init,
-                                                              const Groups& g, int64_t bits,
-                                                              bool is_signed, bool narrow,
-                                                              bool with_mask) {
-  if (transposed_for_kernels(g)) {
-    // The solver reads a transposed copy: quantize the original layout with its scale.
-    return ops::compose_fused<Kernels>(x, init, g, bits, is_signed, narrow, with_mask);
-  }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::octav_fake_quantize(
+    const at::Tensor& x, const at::Tensor& init, const Groups& g, int64_t bits, bool is_signed,
+    bool narrow, bool with_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const Geometry geo = geometry(g);
   const Levels lv = levels(bits, is_signed, narrow);
   auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
-  const Solver solver{nullptr, octav_constant(bits, is_signed, narrow), 1e-6, 32};
+  const Solver solver{nullptr, octav_constant(bits, is_signed, narrow), kDefaultRtol,
+                      static_cast<int>(kDefaultMaxIters)};
   const Quantizer qz{static_cast<float>(lv.L), static_cast<float>(lv.lo),
                      static_cast<float>(lv.hi)};
   if (with_mask && path_for(geo, x.element_size()) != SolverPath::kWholeTensor) {
