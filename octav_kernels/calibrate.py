@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import _args, distributed
+from . import _args, distributed, reference
 from .ops import fake_quantize, octav_fake_quantize, octav_scale
 
 
@@ -78,9 +78,7 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     for start in range(0, points, per_batch):
         cand = fractions[start:start + per_batch, None] * s_max.reshape(1, -1)  # [K, groups]
         step = (cand / divisor(L)).unsqueeze(-1)
-        # SPEC §1's quantizer: clamp(round(x / step), lo, hi) * step, 0 where step == 0.
-        level = torch.clamp(torch.round(rows / step), lo, hi)
-        q = torch.where(step == 0, torch.zeros((), device=x.device), level * step)
+        q = reference.quantize_to_grid(rows, step, lo, hi)  # SPEC §1's quantizer
         err = (q.double() - rows.double()).square().sum(-1)  # [K, groups]
         k_err, k = err.min(0)
         better = k_err < best_err

@@ -163,6 +163,23 @@ def test_octav_backend_environment(value, expected):
     assert done.stdout.split()[-1] == (expected or backend.native("cpu"))
 
 
+@pytest.mark.skipif(backend._C is None, reason="the C++ autograd needs octav_kernels._C")
+@pytest.mark.parametrize("grad, expected", [
+    ("ste", []), ("pwl", [(torch.int32, (2,))]),
+    ("mad", [(torch.float32, (5, 7)), (torch.float32, (5,))])])
+def test_cpp_autograd_keeps_what_the_estimator_needs(grad, expected):
+    """The C++ autograd keeps nothing for STE, the 1-bit PWL mask (35 elements: 2 int32 words),
+    x and the scale for MAD; the Python fallback keeps the same (the test below)."""
+    x = torch.randn(5, 7, requires_grad=True)
+    for op in (lambda: ok.fake_quantize(x, torch.ones(5), 4, dim=0, grad=grad),
+               lambda: ok.octav_fake_quantize(x, 4, dim=0, grad=grad)[0]):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            op()
+        assert saved == expected
+
+
 def test_falls_back_to_reference_without_extension():
     """With octav_kernels._C unimportable the package still imports, warns once, and every op
     is served by the reference."""
@@ -184,6 +201,14 @@ with warnings.catch_warnings(record=True) as caught:
         expected = reference.fake_quantize_backward(torch.ones_like(x), x, s, True, 0, None, grad)
         assert torch.equal(xl.grad, expected), grad
         xl.grad = None
+        for op in (lambda: ok.fake_quantize(xl, s, 4, dim=0, grad=grad),
+                   lambda: ok.octav_fake_quantize(xl, 4, dim=0, grad=grad)[0]):
+            saved = []  # what the backward keeps: the same as the C++ autograd
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+                op()
+            assert saved == {"ste": [], "pwl": [(torch.int32, (2,))],
+                             "mad": [(x.dtype, (5, 7)), (torch.float32, (5,))]}[grad], saved
 messages = [str(w.message) for w in caught if "octav_kernels._C" in str(w.message)]
 assert len(messages) == 1, messages
 print("fallback ok")

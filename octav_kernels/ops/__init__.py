@@ -8,7 +8,8 @@ kernels that serve it. The ops check their arguments themselves (SPEC §6: ``Typ
 """
 
 from ._library import OPS, lib
-from .fake_quant import fake_quantize, fake_quantize_lsq
+from .fake_quant import fake_quantize
+from .lsq import fake_quantize_lsq
 from .octav import masked_sums, octav_fake_quantize, octav_scale
 from .oscillation import OscillationState, dampening_loss, fake_quantize_tracked
 from .refine import refine_scale

@@ -1,7 +1,7 @@
 """The ``octav`` operator library: each op's schema is defined once, in its family's module
-(``octav.py``, ``fake_quant.py``, ``refine.py``, ``oscillation.py``), with its fake kernel (for
-``torch.compile``) and the factory of its Python kernel (argument checks, empty input, then a
-backend function with ``octav_kernels.reference``'s signature).
+(``octav.py``, ``fake_quant.py``, ``lsq.py``, ``refine.py``, ``oscillation.py``), with its fake
+kernel (for ``torch.compile``) and the factory of its Python kernel (argument checks, empty
+input, then a backend function with ``octav_kernels.reference``'s signature).
 
 Which kernel serves a call is PyTorch's dispatcher's decision: ``octav_kernels.backend``
 registers the C++ kernels (``octav_kernels._C``: CPU and CUDA keys, and the autograd of the

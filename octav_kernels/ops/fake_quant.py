@@ -1,8 +1,9 @@
 """The clip-quantize ops (SPEC §1, §3): ``octav::fake_quantize`` and its backward, and the PWL
 path that keeps a bit-packed mask (1 bit per element) for the backward instead of x.
 
-Autograd (C++, csrc/autograd.cpp; the formulas below where it is not built): STE keeps nothing,
-MAD keeps x and the scale, PWL in training runs ``_fake_quantize_packed`` and keeps its mask.
+Autograd (C++, csrc/autograd.cpp; the formulas below where it is not built, which save the same
+tensors): STE keeps nothing, MAD keeps x and the scale, PWL keeps the mask of
+``_fake_quantize_packed`` (1 bit per element).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ def _fake_quantize_fake(x, scale, bits, signed=True, dim=None, group_size=None, 
     return _empty_like(x)
 
 
-def save_for_grad(ctx, x, scale, signed, dim, group_size, grad):
-    """What the estimator needs (the formulas without the C++ autograd): nothing for STE, x and
-    the scale for PWL and MAD."""
+def save_for_grad(ctx, x, scale, bits, signed, dim, group_size, grad, narrow):
+    """What the estimator needs, as the C++ autograd keeps it: nothing for STE, the bit-packed
+    PWL mask for PWL, x and the scale for MAD. (Here, without the extension, the mask costs one
+    more elementwise pass over x: ``setup_context`` cannot change the op's forward, as the C++
+    autograd does by running ``_fake_quantize_packed`` in its place.)"""
     ctx.signed, ctx.dim, ctx.group_size, ctx.grad = signed, dim, group_size, grad
-    if grad != "ste":
+    if grad == "pwl":
+        _, mask = torch.ops.octav._fake_quantize_packed.default(x, scale, bits, signed, dim,
+                                                                group_size, narrow)
+        ctx.save_for_backward(mask)
+    elif grad == "mad":
         ctx.save_for_backward(x, scale)
 
 
@@ -59,14 +66,16 @@ def grad_x(ctx, grad_out):
     """d(loss)/dx by the estimator chosen in the forward (SPEC §3)."""
     if ctx.grad == "ste":
         return grad_out
+    if ctx.grad == "pwl":
+        return torch.ops.octav._pwl_backward_packed.default(grad_out, *ctx.saved_tensors)
     x, scale = ctx.saved_tensors
     return torch.ops.octav.fake_quantize_backward.default(
         grad_out, x, scale, ctx.signed, ctx.dim, ctx.group_size, ctx.grad)
 
 
 def _fake_quantize_setup(ctx, inputs, output):
-    x, scale, _bits, signed, dim, group_size, grad, _narrow = inputs
-    save_for_grad(ctx, x, scale, signed, dim, group_size, grad)
+    x, scale, bits, signed, dim, group_size, grad, narrow = inputs
+    save_for_grad(ctx, x, scale, bits, signed, dim, group_size, grad, narrow)
 
 
 def _fake_quantize_grad(ctx, grad_out):
@@ -175,85 +184,6 @@ define("_pwl_backward_packed(Tensor grad_out, Tensor mask) -> Tensor", _pwl_back
 
 
 # ---------------------------------------------------------------------------------------------
-# octav::fake_quantize_lsq: the clip-quantize op with a learned scale (LSQ): differentiable in x
-# (by the estimator) and in the scale (reference.fake_quantize_lsq_backward), whose gradient
-# the backward kernels reduce per group in their one pass.
-
-
-def _check_lsq(x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale):
-    g, scale = _check_fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
-    _args.check_bool(grad_scale, "grad_scale")
-    return g, scale
-
-
-def _lsq_kernel(impl):
-    def kernel(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
-               narrow=False, grad_scale=True):
-        g, scale = _check_lsq(x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale)
-        if x.numel() == 0:
-            return _empty_like(x)
-        return impl(x, scale, bits, signed, g.dim, g.group_size, grad, narrow, grad_scale)
-    return kernel
-
-
-def _lsq_fake(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad", narrow=False,
-              grad_scale=True):
-    _check_lsq(x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale)
-    return _empty_like(x)
-
-
-def _lsq_setup(ctx, inputs, output):
-    x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale = inputs
-    ctx.args = (bits, signed, dim, group_size, grad, narrow, grad_scale)
-    ctx.save_for_backward(x, scale)
-
-
-def _lsq_grad(ctx, grad_out):
-    x, scale = ctx.saved_tensors
-    grad_x, grad_s = torch.ops.octav.fake_quantize_lsq_backward.default(grad_out, x, scale,
-                                                                        *ctx.args)
-    return (grad_x, grad_s.to(scale.dtype)) + (None,) * 7
-
-
-define("fake_quantize_lsq(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
-       "int? group_size=None, str grad=\"mad\", bool narrow=False, bool grad_scale=True) "
-       "-> Tensor", _lsq_kernel, _lsq_fake, backward=_lsq_grad, setup_context=_lsq_setup)
-
-
-def _check_lsq_backward(grad_out, x, scale, bits, signed, dim, group_size, grad, narrow,
-                        grad_scale, frozen):
-    g, scale = _check_lsq(x, scale, bits, signed, dim, group_size, grad, narrow, grad_scale)
-    _check_grad_out(grad_out, x, frozen)
-    return g, scale
-
-
-def _lsq_backward_kernel(impl):
-    def kernel(grad_out, x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
-               narrow=False, grad_scale=True, frozen=None):
-        g, scale = _check_lsq_backward(grad_out, x, scale, bits, signed, dim, group_size, grad,
-                                       narrow, grad_scale, frozen)
-        if x.numel() == 0:
-            return _empty_like(x), torch.zeros(g.scale_shape, dtype=torch.float32,
-                                               device=x.device)
-        return impl(grad_out.to(x.dtype), x, scale, bits, signed, g.dim, g.group_size, grad,
-                    narrow, grad_scale, frozen)
-    return kernel
-
-
-def _lsq_backward_fake(grad_out, x, scale, bits, signed=True, dim=None, group_size=None,
-                       grad="mad", narrow=False, grad_scale=True, frozen=None):
-    g, _ = _check_lsq_backward(grad_out, x, scale, bits, signed, dim, group_size, grad, narrow,
-                               grad_scale, frozen)
-    return _empty_like(x), x.new_empty(g.scale_shape, dtype=torch.float32)
-
-
-define("fake_quantize_lsq_backward(Tensor grad_out, Tensor x, Tensor scale, int bits, "
-       "bool signed=True, int? dim=None, int? group_size=None, str grad=\"mad\", "
-       "bool narrow=False, bool grad_scale=True, Tensor? frozen=None) -> (Tensor, Tensor)",
-       _lsq_backward_kernel, _lsq_backward_fake)
-
-
-# ---------------------------------------------------------------------------------------------
 # The public wrapper
 
 
@@ -272,23 +202,3 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bo
                       (("scale", scale),))
     return torch.ops.octav.fake_quantize.default(x, scale, bits, signed, dim, group_size, grad,
                                                  narrow)
-
-
-def fake_quantize_lsq(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
-                      dim: int | None = None, group_size: int | None = None, grad: str = "mad",
-                      narrow: bool = False, grad_scale: bool = True) -> torch.Tensor:
-    """``fake_quantize`` with a learned scale (LSQ, Esser et al. 2020): the same values,
-    differentiable in ``x`` (by ``grad``) and in ``scale``, whose gradient is, per group,
-    with ``step = c s`` (``c = 1 / L``), ``v = x / step`` and round treated as identity::
-
-        dq/ds = c (round(v) - v)  for lo <= v <= hi;   c lo below;   c hi above
-
-    summed over the group's elements (times the incoming gradient) and multiplied by LSQ's
-    gradient scale ``1 / sqrt(N hi)`` (N = elements per group; ``grad_scale=False`` drops it).
-    The backward kernels reduce it per group in their one pass over the tensor.
-    """
-    _args.check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow),
-                                                 ("grad_scale", grad_scale)),
-                      (("scale", scale),))
-    return torch.ops.octav.fake_quantize_lsq.default(x, scale, bits, signed, dim, group_size,
-                                                     grad, narrow, grad_scale)

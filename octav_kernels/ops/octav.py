@@ -105,9 +105,9 @@ def _fused_fake(x, bits, signed=True, dim=None, group_size=None, grad="mad", ini
 
 
 def _fused_setup(ctx, inputs, output):
-    x, _bits, signed, dim, group_size, grad, _init, _narrow = inputs
+    x, bits, signed, dim, group_size, grad, _init, narrow = inputs
     ctx.mark_non_differentiable(output[1])
-    save_for_grad(ctx, x, output[1], signed, dim, group_size, grad)
+    save_for_grad(ctx, x, output[1], bits, signed, dim, group_size, grad, narrow)
 
 
 def _fused_grad(ctx, grad_y, grad_scale):

@@ -6,12 +6,11 @@ from .fake_quant import (
     dampening_error,
     fake_quantize,
     fake_quantize_backward,
-    fake_quantize_lsq,
-    fake_quantize_lsq_backward,
     fake_quantize_packed,
     fake_quantize_tracked,
     pwl_backward_packed,
 )
+from .lsq import fake_quantize_lsq, fake_quantize_lsq_backward
 from .octav import masked_sums, octav_fake_quantize, octav_fake_quantize_packed, octav_scale
 from .refine import candidate_sse, refine_scale
 

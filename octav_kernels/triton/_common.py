@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK = 1024  # elements per program of the elementwise kernels (fake_quant, lsq)
+
 
 def launch(kernel, grid, device_tensor: torch.Tensor, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)`` on ``device_tensor``'s GPU. Triton launches on the current
@@ -68,3 +70,28 @@ def quantize(x, step, lo, hi):
     """SPEC §1 in float32: ``clamp(round(x / step), lo, hi) * step`` (``step = s / L``), 0 where
     step == 0 (s == 0, or a subnormal s whose s / L underflows)."""
     return tl.where(step == 0, 0.0, grid_level(x, step, lo, hi) * step)
+
+
+@triton.jit
+def estimator_grad(g, x, s, SIGNED: tl.constexpr, MODE: tl.constexpr):
+    # SPEC §3's gradient of x for the incoming g: MODE 0 ste, 1 pwl, 2 mad (g * s / |x| outside)
+    if MODE == 0:
+        return g
+    if SIGNED:
+        a = tl.abs(x)
+        inside = a <= s
+        below = a < 0  # never
+    else:
+        a = x
+        inside = (x >= 0) & (x <= s)
+        below = x < 0
+    if MODE == 1:
+        return tl.where(inside, g, 0.0)
+    ratio = tl.math.div_rn(s, tl.where(inside | below, 1.0, a))
+    return tl.where(inside, g, tl.where(below, 0.0, g * ratio))
+
+
+def frozen_arg(frozen, placeholder):
+    """The optional frozen mask as the kernels read it (uint8); without one, ``placeholder``
+    (the kernel's FROZEN=False branch never reads it)."""
+    return placeholder if frozen is None else frozen.contiguous().view(torch.uint8)

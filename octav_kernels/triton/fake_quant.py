@@ -12,10 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import GRADS, groups, levels, lsq_coefficient
-from ._common import check_dtype, exact_bf16_store, grid_level, launch, quantize, round_to_bf16
-
-_BLOCK = 1024
+from .._args import GRADS, groups, levels
+from ._common import (
+    BLOCK,
+    check_dtype,
+    estimator_grad,
+    exact_bf16_store,
+    frozen_arg,
+    grid_level,
+    launch,
+    quantize,
+    round_to_bf16,
+)
 
 
 @triton.jit
@@ -123,60 +131,6 @@ def _dampening_kernel(w_ptr, g_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_gro
 
 
 @triton.jit
-def _estimator(g, x, s, SIGNED: tl.constexpr, MODE: tl.constexpr):
-    # SPEC §3's gradient of x for the incoming g: MODE 0 ste, 1 pwl, 2 mad (g * s / |x| outside)
-    if MODE == 0:
-        return g
-    if SIGNED:
-        a = tl.abs(x)
-        inside = a <= s
-        below = a < 0  # never
-    else:
-        a = x
-        inside = (x >= 0) & (x <= s)
-        below = x < 0
-    if MODE == 1:
-        return tl.where(inside, g, 0.0)
-    ratio = tl.math.div_rn(s, tl.where(inside | below, 1.0, a))
-    return tl.where(inside, g, tl.where(below, 0.0, g * ratio))
-
-
-@triton.jit
-def _lsq_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, part_ptr, n_groups, inner,
-                         group_len, n_blocks, L, lo, hi, SIGNED: tl.constexpr,
-                         MODE: tl.constexpr, FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """Program (c, b): block b of group c: grad_x, and the float64 sum of the block's terms
-    grad * (n - v or n) of the learned scale's gradient (reference.fake_quantize_lsq_backward)."""
-    pid = tl.program_id(0).to(tl.int64)
-    c = pid // n_blocks
-    b = pid - c * n_blocks
-    j = b * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    valid = j < group_len
-    o = j // inner
-    k = (o * n_groups + c) * inner + (j - o * inner)
-    g = tl.load(g_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + c)
-    out = _estimator(g, x, s, SIGNED, MODE)
-    live = valid
-    if FROZEN:
-        off = tl.load(frozen_ptr + k, mask=valid, other=0) != 0
-        out = tl.where(off, 0.0, out)
-        live = live & ~off
-    if ROUND_BF16:
-        out = round_to_bf16(out)
-    tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=valid)
-    step = tl.math.div_rn(s, L)
-    v = tl.math.div_rn(x, tl.where(step == 0, 1.0, step))
-    n = grid_level(x, tl.where(step == 0, 1.0, step), lo, hi)
-    d = tl.where((v >= lo) & (v <= hi), n - v, n)
-    term = g.to(tl.float64) * d.to(tl.float64)
-    term = tl.where(step == 0, 0.0, term)  # (a group of scale 0 gets no gradient)
-    tl.store(part_ptr + pid, tl.sum(tl.where(live, term, 0.0), axis=0))
-
-
-@triton.jit
 def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr, numel, n_groups,
                                    inner, SIGNED: tl.constexpr, MODE: tl.constexpr,
                                    FROZEN: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -189,7 +143,7 @@ def _fake_quantize_backward_kernel(g_ptr, x_ptr, out_ptr, scale_ptr, frozen_ptr,
     else:
         s = tl.load(scale_ptr + (k // inner) % n_groups, mask=valid, other=1.0)
         x = tl.load(x_ptr + k, mask=valid, other=0.0).to(tl.float32)
-        out = _estimator(g, x, s, SIGNED, MODE)
+        out = estimator_grad(g, x, s, SIGNED, MODE)
     if FROZEN:  # frozen weights get no gradient
         out = tl.where(tl.load(frozen_ptr + k, mask=valid, other=0) != 0, 0.0, out)
     if ROUND_BF16:
@@ -205,10 +159,10 @@ def _fake_quantize(x, scale, bits, signed, dim, group_size, narrow, with_mask):
     y = torch.empty_like(x)
     mask = torch.empty((x.numel() + 31) // 32 if with_mask else 0, dtype=torch.int32,
                        device=x.device)
-    launch(_fake_quantize_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
+    launch(_fake_quantize_kernel, (triton.cdiv(x.numel(), BLOCK),), x,
         x, y, scale.reshape(-1).float().contiguous(), mask if with_mask else y, x.numel(),
         g.n_groups, g.inner, float(L), float(lo), float(hi), SIGNED=signed,
-        WRITE_MASK=with_mask, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
+        WRITE_MASK=with_mask, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=BLOCK)
     return y, mask
 
 
@@ -226,8 +180,8 @@ def pwl_backward_packed(grad_out, mask):
     check_dtype(grad_out)
     grad_out = grad_out.contiguous()
     out = torch.empty_like(grad_out)
-    launch(_pwl_backward_packed_kernel, (triton.cdiv(grad_out.numel(), _BLOCK),), grad_out,
-        grad_out, mask.contiguous(), out, grad_out.numel(), BLOCK=_BLOCK)
+    launch(_pwl_backward_packed_kernel, (triton.cdiv(grad_out.numel(), BLOCK),), grad_out,
+        grad_out, mask.contiguous(), out, grad_out.numel(), BLOCK=BLOCK)
     return out
 
 
@@ -238,36 +192,11 @@ def fake_quantize_backward(grad_out, x, scale, signed=True, dim=None, group_size
     x = x.contiguous()
     grad_out = grad_out.to(x.dtype).contiguous()
     out = torch.empty_like(x)
-    launch(_fake_quantize_backward_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
-        grad_out, x, out, scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, x),
+    launch(_fake_quantize_backward_kernel, (triton.cdiv(x.numel(), BLOCK),), x,
+        grad_out, x, out, scale.reshape(-1).float().contiguous(), frozen_arg(frozen, x),
         x.numel(), g.n_groups, g.inner, SIGNED=signed, MODE=GRADS.index(grad),
-        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
+        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=BLOCK)
     return out
-
-
-def fake_quantize_lsq(x, scale, bits, signed=True, dim=None, group_size=None, grad="mad",
-                      narrow=False, grad_scale=True):
-    return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow)
-
-
-def fake_quantize_lsq_backward(grad_out, x, scale, bits, signed=True, dim=None, group_size=None,
-                               grad="mad", narrow=False, grad_scale=True, frozen=None):
-    check_dtype(x)
-    g = groups(x, dim, group_size)
-    L, lo, hi = levels(bits, signed, narrow)
-    x = x.contiguous()
-    grad_out = grad_out.to(x.dtype).contiguous()
-    out = torch.empty_like(x)
-    group_len = g.outer * g.inner
-    n_blocks = triton.cdiv(group_len, _BLOCK)
-    partial = torch.empty((g.n_groups, n_blocks), dtype=torch.float64, device=x.device)
-    launch(_lsq_backward_kernel, (g.n_groups * n_blocks,), x,
-           grad_out, x, out, scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, x),
-           partial, g.n_groups, g.inner, group_len, n_blocks, float(L), float(lo), float(hi),
-           SIGNED=signed, MODE=GRADS.index(grad), FROZEN=frozen is not None,
-           ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK)
-    coefficient = lsq_coefficient(group_len, bits, signed, narrow, grad_scale)
-    return out, (partial.sum(1) * coefficient).float().reshape(g.scale_shape)
 
 
 def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_int, last_dir,
@@ -279,11 +208,11 @@ def fake_quantize_tracked(x, scale, bits, signed, dim, group_size, narrow, last_
     y = torch.empty_like(x)
     # float32 constants as the reference rounds them; no FMA contraction (enable_fp_fusion), so
     # the EMA updates round like the reference's separate products and sums.
-    launch(_fake_quantize_tracked_kernel, (triton.cdiv(x.numel(), _BLOCK),), x,
+    launch(_fake_quantize_tracked_kernel, (triton.cdiv(x.numel(), BLOCK),), x,
         x, y, scale.reshape(-1).float().contiguous(), last_int, last_dir,
         frozen.view(torch.uint8), osc_freq, int_ema, freeze_threshold, x.numel(), g.n_groups,
         g.inner, float(L), float(lo), float(hi), _f32(momentum), _f32(1.0 - momentum),
-        UPDATE=update, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=_BLOCK,
+        UPDATE=update, ROUND_BF16=exact_bf16_store(x.dtype), BLOCK=BLOCK,
         enable_fp_fusion=False)
     return y
 
@@ -295,11 +224,11 @@ def _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen):
     w = w.contiguous()
     out = (torch.empty(w.shape, dtype=torch.float32, device=w.device) if grad is None
            else torch.empty_like(w))
-    launch(_dampening_kernel, (triton.cdiv(w.numel(), _BLOCK),), w,
+    launch(_dampening_kernel, (triton.cdiv(w.numel(), BLOCK),), w,
         w, w if grad is None else grad.float().contiguous(), out,
-        scale.reshape(-1).float().contiguous(), _frozen_arg(frozen, w), w.numel(), g.n_groups,
+        scale.reshape(-1).float().contiguous(), frozen_arg(frozen, w), w.numel(), g.n_groups,
         g.inner, float(L), float(lo), float(hi), BACKWARD=grad is not None,
-        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(out.dtype), BLOCK=_BLOCK,
+        FROZEN=frozen is not None, ROUND_BF16=exact_bf16_store(out.dtype), BLOCK=BLOCK,
         enable_fp_fusion=False)
     return out
 
@@ -312,12 +241,6 @@ def dampening_error(w, scale, bits, signed=True, dim=None, group_size=None, narr
 def dampening_backward(grad, w, scale, bits, signed=True, dim=None, group_size=None,
                        narrow=False, frozen=None):
     return _dampening(w, grad, scale, bits, signed, dim, group_size, narrow, frozen)
-
-
-def _frozen_arg(frozen, placeholder):
-    """The optional frozen mask as the kernels read it (uint8); without one, ``placeholder``
-    (the kernel's FROZEN=False branch never reads it)."""
-    return placeholder if frozen is None else frozen.contiguous().view(torch.uint8)
 
 
 def _f32(value: float) -> float:
