@@ -60,23 +60,38 @@ def forward_backward(fn, x, g):
     return run
 
 
-def table(repeats: int) -> list[str]:
-    lines = [f"### fake_quantize, {BITS}-bit signed, fp32 (median of {repeats} runs, ms)", "",
-             "| tensor | " + " | ".join(f"{m} fwd" for m in METHODS) + " | "
-             + " | ".join(f"{m} fwd+bwd" for m in METHODS)
-             + " | torch / ours fwd | torch / ours fwd+bwd (pwl) |",
-             "|---|" + "---:|" * (2 * len(METHODS) + 2)]
-    for label, make, dim in CASES:
+def timed_table(title: str, cases, methods: list[str], runs, repeats: int,
+                check=None) -> list[str]:
+    """A markdown table of forward and forward+backward medians per case and method, with the
+    ratios torch / ``methods[0]``. ``runs(x, g, dim)`` gives ``{method: (fwd, fwd_bwd)}``
+    (zero-argument callables); ``check = (header, fn(x, dim) -> str)`` adds a column."""
+    extra = f" {check[0]} |" if check else ""
+    lines = [f"### {title} (median of {repeats} runs, ms)", "",
+             "| tensor | " + " | ".join(f"{m} fwd" for m in methods) + " | "
+             + " | ".join(f"{m} fwd+bwd" for m in methods)
+             + f" | torch / ours fwd | torch / ours fwd+bwd ({methods[0].split()[-1]}) |{extra}",
+             "|---|" + "---:|" * (2 * len(methods) + 2 + bool(check))]
+    for label, make, dim in cases:
         x = make()
-        g = torch.randn_like(x)
-        fns = providers(x, dim)
-        fwd = {m: median_ms(lambda f=f: f(x), repeats) for m, f in fns.items()}
-        both = {m: median_ms(forward_backward(f, x, g), repeats) for m, f in fns.items()}
-        lines.append(f"| {label} | " + " | ".join(f"{fwd[m]:.2f}" for m in METHODS) + " | "
-                     + " | ".join(f"{both[m]:.2f}" for m in METHODS) + " | "
-                     f"{fwd['torch'] / fwd['octav_kernels pwl']:.2f}x | "
-                     f"{both['torch'] / both['octav_kernels pwl']:.2f}x |")
+        fns = runs(x, torch.randn_like(x), dim)
+        fwd = {m: median_ms(f, repeats) for m, (f, _) in fns.items()}
+        both = {m: median_ms(f, repeats) for m, (_, f) in fns.items()}
+        lines.append(f"| {label} | " + " | ".join(f"{fwd[m]:.2f}" for m in methods) + " | "
+                     + " | ".join(f"{both[m]:.2f}" for m in methods) + " | "
+                     f"{fwd['torch'] / fwd[methods[0]]:.2f}x | "
+                     f"{both['torch'] / both[methods[0]]:.2f}x |"
+                     + (f" {check[1](x, dim)} |" if check else ""))
     return lines
+
+
+def runs(x, g, dim):
+    return {m: (lambda f=f: f(x), forward_backward(f, x, g))
+            for m, f in providers(x, dim).items()}
+
+
+def table(repeats: int) -> list[str]:
+    return timed_table(f"fake_quantize, {BITS}-bit signed, fp32", CASES, METHODS, runs,
+                       repeats)
 
 
 @pytest.mark.parametrize("method", METHODS)
