@@ -15,7 +15,8 @@ scale: LSQ), and for weight oscillations
 all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLinear``,
 ``QuantConv1d``, ``QuantConv2d``, ``QuantConfig``, the model helpers ``quantize_model``,
 ``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``, ``check_finite``, and
-``OscillationControl`` / ``Ramp``. Deployment (``octav_kernels.deploy``): ``convert_model``
+``OscillationControl`` / ``Ramp``; the scale policies ``octav_kernels.qat.DynamicScale``,
+``StaticScale``, ``LearnedScale``, and ``Grid`` / ``Quantizer.export`` (what deploy reads). Deployment (``octav_kernels.deploy``): ``convert_model``
 (integer weights: ``QuantizedLinear``, ``QuantizedConv1d``, ``QuantizedConv2d``,
 ``QuantizedAct``) and ``export_onnx`` (QDQ ONNX). Data split across ranks:
 ``octav_kernels.distributed``.
