@@ -16,9 +16,10 @@ all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLi
 ``QuantConv1d``, ``QuantConv2d``, ``QuantConfig``, the model helpers ``quantize_model``,
 ``dequantize_model``, ``calibrate_model``, ``reestimate_batchnorm``, ``check_finite``, and
 ``OscillationControl`` / ``Ramp``; the scale policies ``octav_kernels.qat.DynamicScale``,
-``StaticScale``, ``LearnedScale``, and ``Grid`` / ``Quantizer.export`` (what deploy reads). Deployment (``octav_kernels.deploy``): ``convert_model``
-(integer weights: ``QuantizedLinear``, ``QuantizedConv1d``, ``QuantizedConv2d``,
-``QuantizedAct``) and ``export_onnx`` (QDQ ONNX). Data split across ranks:
+``StaticScale``, ``LearnedScale``, and ``Grid`` / ``Quantizer.export`` (what deploy reads).
+Deployment (``octav_kernels.deploy``): ``convert_model`` (integer weights: ``QuantizedLinear``,
+``QuantizedConv1d``, ``QuantizedConv2d``, ``QuantizedAct``) and ``export_onnx`` (QDQ ONNX).
+Data split across ranks:
 ``octav_kernels.distributed``.
 Backend control (tests, debugging): ``use_backend`` / ``OCTAV_BACKEND``.
 """

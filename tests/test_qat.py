@@ -289,6 +289,8 @@ def test_policy_objects_equal_their_keyword_spellings():
         by_policy = ok.Quantizer(4, dim=0, policy=policy)
         assert by_policy.mode == by_name.mode == policy.mode
         assert repr(by_policy) == repr(by_name)
+        for name in ("every", "reduce", "process_group", "grad_scale", "calibrator"):
+            assert repr(getattr(by_policy, name)) == repr(getattr(by_name, name)), name
         if policy.mode == "static":
             for q in (by_name, by_policy):
                 q.start_calibration()
@@ -318,6 +320,12 @@ def test_policy_objects_equal_their_keyword_spellings():
 def test_policy_field_misuse_is_an_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ok.Quantizer(4, **kwargs)
+    config_fields = {k: v for k, v in kwargs.items() if k in ("mode", "every", "grad_scale")}
+    if set(config_fields) - {"mode"}:  # QuantConfig holds the same rule (weight_mode too)
+        with pytest.raises(ValueError, match=match):
+            ok.QuantConfig(**config_fields)
+        ok.QuantConfig(**config_fields, weight_mode="learned" if "grad_scale" in kwargs
+                       else "dynamic")
     with pytest.raises(TypeError, match="policy must be a ScalePolicy, got str"):
         ok.Quantizer(4, policy="dynamic")
 

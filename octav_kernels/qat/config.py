@@ -17,7 +17,15 @@ import torch
 from .. import _args
 from ..calibrate import Calibrator, make_calibrator
 from .quantizer import QuantAct, Quantizer
-from .scale import MODES, DynamicScale, LearnedScale, ScalePolicy, StaticScale, choice
+from .scale import (
+    MODES,
+    DynamicScale,
+    LearnedScale,
+    ScalePolicy,
+    StaticScale,
+    check_owned_fields,
+    choice,
+)
 
 ESTIMATORS = ("mph", "mad", "pwl", "ste")
 
@@ -82,6 +90,8 @@ class QuantConfig:
             raise ValueError(f"every must be >= 1, got {self.every}")
         for name in ("narrow", "quantize_input", "grad_scale"):
             _args.check_bool(getattr(self, name), name)
+        check_owned_fields((self.mode, self.weight_mode or self.mode), self.every,
+                           self.grad_scale)
 
     @classmethod
     def of(cls, config: QuantConfig | None = None, **fields) -> QuantConfig:
@@ -100,6 +110,7 @@ class QuantConfig:
                process_group: Any = None) -> ScalePolicy:
         """The scale policy of ``mode`` with this config's fields (``every`` for dynamic
         scales, ``grad_scale`` and ``scale_shape`` for learned ones)."""
+        choice(mode, MODES, "mode")
         common = dict(process_group=process_group)
         if mode == "dynamic":
             return DynamicScale(self.calibrator, every=self.every, **common)

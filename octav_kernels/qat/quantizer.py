@@ -143,6 +143,26 @@ class Quantizer(OscillationTracking, nn.Module):
         return self.policy.calibrator
 
     @property
+    def every(self) -> int:
+        """Dynamic scales: training forwards per scale update (1 for the other policies)."""
+        return getattr(self.policy, "every", 1)
+
+    @property
+    def reduce(self) -> str:
+        """How static calibration combines per-batch scales (the policy's)."""
+        return self.policy.reduce
+
+    @property
+    def process_group(self):
+        """The data-parallel group of the scales computed from data (the policy's)."""
+        return self.policy.process_group
+
+    @property
+    def grad_scale(self) -> bool:
+        """Learned scales: whether LSQ's gradient scale applies (True for the others)."""
+        return getattr(self.policy, "grad_scale", True)
+
+    @property
     def grid(self) -> Grid:
         """The grid this quantizer quantizes on (``ValueError`` while ``signed=None`` is not
         yet decided by data)."""
@@ -247,6 +267,7 @@ class Quantizer(OscillationTracking, nn.Module):
         signed = "auto" if self.signed is None else self.signed
         return (f"bits={self.bits}, signed={signed}, {gran}, grad={self.grad}, "
                 f"{self.policy.describe()}" + (", narrow=True" if self.narrow else "")
+                + ("" if self.grad_scale else ", grad_scale=False")
                 + (f", oscillations tracked (momentum={self.momentum})" if self.tracking else ""))
 
     # -- forward ----------------------------------------------------------------------------

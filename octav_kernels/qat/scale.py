@@ -152,8 +152,19 @@ class LearnedScale(ScalePolicy):
         q.check_learned()
         return q.fake_quantize(x, q.scale)
 
-    def describe(self) -> str:
-        return super().describe() + ("" if self.grad_scale else ", grad_scale=False")
+
+
+def check_owned_fields(modes, every: int = 1, grad_scale: bool = True,
+                       scale_shape: tuple[int, ...] | None = None) -> None:
+    """A ``ValueError`` when a field is set off the only mode that reads it: ``every`` (dynamic)
+    or ``grad_scale=False`` / ``scale_shape`` (learned), none of ``modes`` (a mode or several)
+    being that mode."""
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if every != 1 and "dynamic" not in modes:
+        raise ValueError(f"every={every} applies to mode='dynamic', got mode={modes[0]!r}")
+    if (not grad_scale or scale_shape is not None) and "learned" not in modes:
+        raise ValueError("grad_scale and scale_shape apply to mode='learned', got "
+                         f"mode={modes[0]!r}")
 
 
 def make_policy(mode: str = "dynamic", calibrator: str | Calibrator = "octav", *,
@@ -161,15 +172,14 @@ def make_policy(mode: str = "dynamic", calibrator: str | Calibrator = "octav", *
                 grad_scale: bool = True, scale_shape: tuple[int, ...] | None = None
                 ) -> ScalePolicy:
     """The policy of ``mode`` (``"dynamic"``, ``"static"`` or ``"learned"``) with its fields;
-    a field another mode owns (``every`` off dynamic, ``grad_scale`` / ``scale_shape`` off
+    a field another mode owns (``every`` off dynamic, ``grad_scale=False`` / ``scale_shape`` off
     learned) is a ``ValueError`` rather than silently ignored."""
     choice(mode, MODES, "mode")
+    if _args.check_int(every, "every") < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    _args.check_bool(grad_scale, "grad_scale")
     common = dict(reduce=reduce, process_group=process_group)
-    if mode != "dynamic" and every != 1:
-        _args.check_int(every, "every")
-        raise ValueError(f"every={every} applies to mode='dynamic', got mode={mode!r}")
-    if mode != "learned" and (grad_scale is not True or scale_shape is not None):
-        raise ValueError(f"grad_scale and scale_shape apply to mode='learned', got mode={mode!r}")
+    check_owned_fields(mode, every, grad_scale, scale_shape)
     if mode == "dynamic":
         return DynamicScale(calibrator, every=every, **common)
     if mode == "learned":

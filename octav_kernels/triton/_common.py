@@ -1,4 +1,5 @@
-"""Launch helpers shared by the Triton kernel families."""
+"""Shared by the Triton kernel families: the launch helper, dtype checks, the bfloat16 store, the
+element math (``grid_level``, ``quantize``, ``estimator_grad``) and the frozen-mask argument."""
 
 from __future__ import annotations
 
