@@ -206,6 +206,35 @@ def test_static_reduce_max_and_every_calibrator():
         assert all(q.initialized for _, q in ok.quantizers(m)), spec
 
 
+def test_per_role_calibrators_override_calibrator():
+    """weight_calibrator / act_calibrator replace ``calibrator`` for one role: after one
+    calibration batch each scale is its role's rule applied to what that quantizer saw."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = make_data((32, 16), seed=9)
+    model = ok.quantize_model(base, first_last_bits=None, mode="static",
+                              calibrator="percentile:99", weight_calibrator="max")
+    ok.calibrate_model(model, [x])
+    hidden = torch.relu(base[0](x)).detach()
+    for layer, inp, signed in ((model[0], x, True), (model[2], hidden, False)):
+        assert isinstance(layer.weight_quantizer.calibrator, ok.MaxCalibrator)
+        assert layer.input_quantizer.calibrator.percentile == 99.0
+        torch.testing.assert_close(layer.weight_quantizer.scale,
+                                   ok.max_scale(layer.weight.detach(), dim=0), rtol=0, atol=0)
+        torch.testing.assert_close(layer.input_quantizer.scale,
+                                   ok.percentile_scale(inp, 99.0, signed=signed),
+                                   rtol=0, atol=0)
+    cfg = ok.QuantConfig(act_calibrator="max")  # the other role keeps `calibrator`
+    layer = ok.QuantLinear(16, 8, config=cfg)
+    assert isinstance(layer.weight_quantizer.calibrator, ok.OctavCalibrator)
+    assert isinstance(layer.input_quantizer.calibrator, ok.MaxCalibrator)
+    for field in ("weight_calibrator", "act_calibrator"):
+        with pytest.raises(ValueError, match=f"^{field}: calibrator must be one of"):
+            ok.QuantConfig(**{field: "minmax"})
+        with pytest.raises(TypeError, match=f"^{field}: calibrator must be a str or a"):
+            ok.QuantConfig(**{field: 3})
+
+
 def test_eval_without_scale_is_an_error_for_activations_not_weights():
     model = ok.quantize_model(small_cnn(), mode="static")
     with pytest.raises(RuntimeError, match=r"^0\.input_quantizer: no scale yet"):

@@ -51,7 +51,8 @@ class QuantConfig:
         mode: ``"dynamic"``, ``"static"`` or ``"learned"`` scales (``Quantizer``; learned: LSQ,
             initialized by the calibrator); ``weight_mode`` overrides it for weights.
         calibrator: the scale rule (``Quantizer``): ``"octav"``, ``"octav:refine"``, ``"max"``,
-            ``"percentile[:p]"``, ``"mse[:points]"`` or a ``Calibrator``.
+            ``"percentile[:p]"``, ``"mse[:points]"`` or a ``Calibrator``, for weights and
+            inputs; ``weight_calibrator`` / ``act_calibrator`` override it for one role.
         every: in dynamic training, recompute scales every ``every`` forwards.
         narrow: symmetric signed levels ``±(2**(B-1)-1)`` (weights, and signed inputs).
         quantize_input: set False to leave the input in float.
@@ -68,6 +69,8 @@ class QuantConfig:
     mode: str = "dynamic"
     weight_mode: str | None = None
     calibrator: str | Calibrator = "octav"
+    weight_calibrator: str | Calibrator | None = None
+    act_calibrator: str | Calibrator | None = None
     every: int = 1
     narrow: bool = False
     quantize_input: bool = True
@@ -85,7 +88,15 @@ class QuantConfig:
         if self.act_signed is not None and not isinstance(self.act_signed, bool):
             raise TypeError(f"act_signed must be a bool or None, got "
                             f"{type(self.act_signed).__name__}")
-        make_calibrator(self.calibrator)
+        for name in ("calibrator", "weight_calibrator", "act_calibrator"):
+            value = getattr(self, name)
+            if value is not None or name == "calibrator":
+                try:
+                    make_calibrator(value)
+                except (TypeError, ValueError) as err:
+                    if name == "calibrator":
+                        raise
+                    raise type(err)(f"{name}: {err}") from None
         if _args.check_int(self.every, "every") < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
         for name in ("narrow", "quantize_input", "grad_scale"):
@@ -107,17 +118,20 @@ class QuantConfig:
         return dataclasses.replace(config or cls(), **fields)
 
     def policy(self, mode: str, scale_shape: tuple[int, ...] | None = None,
-               process_group: Any = None) -> ScalePolicy:
+               process_group: Any = None, calibrator: str | Calibrator | None = None
+               ) -> ScalePolicy:
         """The scale policy of ``mode`` with this config's fields (``every`` for dynamic
-        scales, ``grad_scale`` and ``scale_shape`` for learned ones)."""
+        scales, ``grad_scale`` and ``scale_shape`` for learned ones) and ``calibrator``
+        (default: the config's ``calibrator``)."""
         choice(mode, MODES, "mode")
+        calibrator = self.calibrator if calibrator is None else calibrator
         common = dict(process_group=process_group)
         if mode == "dynamic":
-            return DynamicScale(self.calibrator, every=self.every, **common)
+            return DynamicScale(calibrator, every=self.every, **common)
         if mode == "learned":
-            return LearnedScale(self.calibrator, grad_scale=self.grad_scale,
+            return LearnedScale(calibrator, grad_scale=self.grad_scale,
                                 scale_shape=scale_shape, **common)
-        return StaticScale(self.calibrator, **common)
+        return StaticScale(calibrator, **common)
 
     def weight_quantizer(self, weight_shape) -> Quantizer:
         """The quantizer of a weight of ``weight_shape`` (signed; computes its scale from the
@@ -129,7 +143,8 @@ class QuantConfig:
                                    group_size).scale_shape
         return Quantizer(self.bits, signed=True, dim=dim, group_size=group_size,
                          grad=estimators(self.grad)[0], narrow=self.narrow,
-                         policy=self.policy(self.weight_mode or self.mode, scale_shape),
+                         policy=self.policy(self.weight_mode or self.mode, scale_shape,
+                                            calibrator=self.weight_calibrator),
                          init_from_input=True)
 
     def input_quantizer(self) -> QuantAct | None:
@@ -139,7 +154,8 @@ class QuantConfig:
         return QuantAct(self.act_bits or self.bits, signed=self.act_signed,
                         grad=estimators(self.grad)[1],
                         narrow=self.narrow and self.act_signed is True,
-                        policy=self.policy(self.mode, process_group=self.process_group))
+                        policy=self.policy(self.mode, process_group=self.process_group,
+                                           calibrator=self.act_calibrator))
 
 
 def weight_granularity(spec, shape) -> tuple[int | None, int | None]:

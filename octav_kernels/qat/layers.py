@@ -78,7 +78,8 @@ _QUANT_DOC = """Quantized ``{base}``: ``{base}`` applied to the fake-quantized i
     Extra keyword arguments (``quantize_model`` passes them through): ``config``, a
     ``QuantConfig``, and/or any of its fields (``bits``, ``act_bits``, ``grad``,
     ``weight_granularity``, ``act_signed``, ``mode``, ``weight_mode``, ``calibrator``,
-    ``every``, ``narrow``, ``quantize_input``, ``process_group``), which replace the config's.
+    ``weight_calibrator``, ``act_calibrator``, ``every``, ``narrow``, ``quantize_input``,
+    ``process_group``, ``grad_scale``), which replace the config's.
     """
 
 

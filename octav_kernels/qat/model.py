@@ -34,8 +34,9 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
             default).
         config: a ``QuantConfig`` for every layer; its fields may also be given as keywords
             (``act_bits``, ``grad``, ``weight_granularity``, ``act_signed``, ``mode``,
-            ``weight_mode``, ``calibrator``, ``every``, ``narrow``, ``quantize_input``,
-            ``process_group``), which replace the config's. ``process_group``, for
+            ``weight_mode``, ``calibrator``, ``weight_calibrator``, ``act_calibrator``,
+            ``every``, ``narrow``, ``quantize_input``, ``process_group``, ``grad_scale``),
+            which replace the config's. ``process_group``, for
             data-parallel (DDP) training, is the group (or ``"world"``) over which the
             activation scales are computed, so every rank quantizes with the same scale from
             the whole global batch (weights, replicated by DDP, need no collective).
