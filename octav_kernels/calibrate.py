@@ -68,8 +68,9 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     L, lo, hi = _args.levels(bits, signed, narrow)
     # Quotients by tensors: CUDA divides by a Python number as a product with its reciprocal,
     # which would make the candidates (and the steps) differ from the CPU's in the last bit.
+    # torch.full fills on the device (torch.tensor would be a blocking host copy per call).
     def divisor(value):
-        return torch.tensor(value, dtype=torch.float32, device=x.device)
+        return torch.full((), value, dtype=torch.float32, device=x.device)
 
     fractions = torch.arange(1, points + 1, dtype=torch.float32, device=x.device) / divisor(points)
     best_err = torch.full((rows.shape[0],), math.inf, dtype=torch.float64, device=x.device)

@@ -303,6 +303,38 @@ def test_nonfinite_check_without_a_host_sync_per_step(monkeypatch):
     ok.check_finite(model)  # checked: nothing pending
 
 
+def test_nonfinite_check_sees_compiled_steps(monkeypatch):
+    """Steps run under torch.compile record NaN/inf on the device without being counted;
+    check_finite(model) and the first eval forward still read the flag and raise (issue 29)."""
+    monkeypatch.setattr(ok.Quantizer, "deferred_check", ("cpu",))
+    bad = make_data((64,), seed=12)
+    bad[3] = float("nan")
+    for learned in (False, True):
+        qz = ok.QuantAct(4, signed=True, mode="learned" if learned else "dynamic").train()
+        qz.name = "act"
+        if learned:
+            qz(make_data((64,), seed=13))  # eager: the scale starts finite
+            qz.check_nonfinite()
+            with torch.no_grad():
+                qz.scale.fill_(float("nan"))  # the optimizer drove it there
+        compiled = torch.compile(qz, backend="eager")
+        compiled(bad)
+        compiled(bad)
+        assert qz._unchecked == 0  # not counted under compile
+        match = ("^act: the learned scale was not positive and finite at a recent training "
+                 "step" if learned else
+                 "^act: the input of a recent scale update contains NaN or inf")
+        with pytest.raises(ValueError, match=match):
+            ok.check_finite(nn.Sequential(qz))
+        ok.check_finite(nn.Sequential(qz))  # read and cleared
+        if not learned:
+            compiled(bad)
+            qz.eval()
+            with pytest.raises(ValueError, match=match):
+                qz(bad)
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------
 # Scale policies, calibrators' fused path, the grid and the export to deploy
 

@@ -36,8 +36,8 @@ class Grid:
     def step(self, scale: torch.Tensor) -> torch.Tensor:
         """``s / L`` in float32, of the scale's shape, correctly rounded on every device (a
         tensor divisor: CUDA divides by a Python number as a product with its reciprocal)."""
-        return scale.float() / torch.tensor(self.levels[0], dtype=torch.float32,
-                                            device=scale.device)
+        return scale.float() / torch.full((), self.levels[0], dtype=torch.float32,
+                                          device=scale.device)
 
     def integer_levels(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The levels of ``x`` (float32, x's shape; integers in ``lo..hi``, 0 where s == 0), as

@@ -60,8 +60,9 @@ class Quantizer(OscillationTracking, nn.Module):
             NaN/inf (the input had NaN/inf), or a learned scale is not positive and finite. On
             CPU tensors at once. On CUDA tensors without a host sync per step: the quantizer
             records it on the device and raises at its next check point: every
-            ``check_every`` (100) scale updates, its first forward in eval mode, or
-            ``check_nonfinite()`` (``octav_kernels.check_finite(model)``).
+            ``check_every`` (100) scale updates (eager steps only: steps under torch.compile
+            are not counted), its first forward in eval mode, or ``check_nonfinite()``
+            (``octav_kernels.check_finite(model)``), which also see compiled steps.
         init_from_input: in eval, a quantizer without a scale computes it from its input
             instead of raising (right for weights, which do not depend on data).
 
@@ -126,7 +127,9 @@ class Quantizer(OscillationTracking, nn.Module):
         self.steps = 0  # training forwards seen (counted only when every > 1)
         self._calibration: tuple[torch.Tensor, int] | None = None
         self._scale_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read
+        self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read (eager)
+        self._recorded = False  # whether a CUDA check was recorded since (eager or compiled)
+        self._uncounted = False  # whether one of those ran under torch.compile (not counted)
         self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
@@ -283,7 +286,7 @@ class Quantizer(OscillationTracking, nn.Module):
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward with the kept scale (computed from ``x`` first if there is none and
         ``init_from_input``)."""
-        if self._unchecked:
+        if self._recorded:
             self.check_nonfinite()
         if not self.initialized:
             if not self.init_from_input:
@@ -384,7 +387,10 @@ class Quantizer(OscillationTracking, nn.Module):
         if self._nonfinite.device != good.device:
             self._nonfinite = torch.zeros((), dtype=torch.bool, device=good.device)
         self._nonfinite |= ~good
-        if not torch.compiler.is_compiling():
+        self._recorded = True
+        if torch.compiler.is_compiling():  # a Python counter would recompile at every step
+            self._uncounted = True
+        else:
             self._unchecked += 1
             if self._unchecked >= self.check_every:
                 self.check_nonfinite()
@@ -395,12 +401,17 @@ class Quantizer(OscillationTracking, nn.Module):
         on a GPU since the last check was NaN/inf (one host sync; nothing to do on CPU, where
         every scale is checked at once)."""
         unchecked, self._unchecked = self._unchecked, 0
-        if unchecked and bool(self._nonfinite):
+        recorded, self._recorded = self._recorded, False
+        counted, self._uncounted = not self._uncounted, False
+        if recorded and bool(self._nonfinite):
             self._nonfinite.zero_()
+            when = f"one of the last {unchecked}" if counted else "a recent"
+            steps = "steps" if counted else "step"
             if self.policy.learned:
                 raise ValueError(f"{self.name}: the learned scale was not positive and finite "
-                                 f"at one of the last {unchecked} training steps")
-            raise self._nonfinite_error(f"of one of the last {unchecked} scale updates ")
+                                 f"at {when} training {steps}")
+            updates = "updates" if counted else "update"
+            raise self._nonfinite_error(f"of {when} scale {updates} ")
 
     def to_float(self) -> nn.Module:
         """What ``dequantize_model`` puts in this quantizer's place: ``nn.Identity``."""
