@@ -99,7 +99,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["octav_kernels", "octav_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.9", "numpy"],  # octav_kernels/_torch_version.py
     extras_require={"triton": ["triton"], "onnx": ["onnx", "onnxruntime"],
                     "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime"]},
     ext_modules=ext_modules,

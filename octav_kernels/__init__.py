@@ -24,7 +24,7 @@ Data split across ranks:
 Backend control (tests, debugging): ``use_backend`` / ``OCTAV_BACKEND``.
 """
 
-from . import distributed, nn, oscillation
+from . import _torch_version, distributed, nn, oscillation  # noqa: F401 (torch checked first)
 from .backend import use_backend  # registers the kernels with the dispatcher
 from .calibrate import (
     Calibrator,

@@ -218,3 +218,15 @@ print("fallback ok")
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "fallback ok" in done.stdout
+
+
+def test_torch_older_than_the_floor_is_refused_at_import():
+    """The torch floor is checked once, first, with a message naming both versions (issue 29:
+    torch.library.get_kernel arrived in 2.9)."""
+    script = ("import torch\n"
+              "torch.__version__ = '2.8.1+cu128'\n"
+              "import octav_kernels\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "ImportError: octav_kernels needs torch >= 2.9, found 2.8.1+cu128" in done.stderr
