@@ -78,15 +78,33 @@ def extensions():
             include_dirs += [str(d) for d in sorted(root.glob("cu*/include")) if d.is_dir()]
     except ImportError:
         pass
+    sass, ptx = cuda_images()
     ext = CUDAExtension(
         "octav_kernels._C",
         sources(".", "*.cpp") + sources("cpu", "*.cpp") + sources("cuda", "*.cu"),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx + ["-DOCTAV_WITH_CUDA"],
+        # (host compiler only: nvcc would split the comma-separated values)
+        extra_compile_args={"cxx": cxx + ["-DOCTAV_WITH_CUDA", f"-DOCTAV_CUDA_SASS={sass}",
+                                          f"-DOCTAV_CUDA_PTX={ptx}"],
                             "nvcc": ["-O3", "--fmad=false", "-DOCTAV_WITH_CUDA"]},
         extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def cuda_images() -> tuple[str, str]:
+    """The architectures torch's build passes to nvcc (TORCH_CUDA_ARCH_LIST), as the two
+    comma-separated lists of the SASS (``code=sm_XY``) and PTX (``code=compute_XY``) numbers
+    XY; arch-specific targets (sm_90a, ...) are left out (they run on that architecture only)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    sass, ptx = set(), set()
+    for flag in _get_cuda_arch_flags():  # -gencode=arch=compute_90,code=[compute_90,sm_90]
+        for code in flag.rpartition("code=")[2].strip("[]").split(","):
+            kind, _, number = code.partition("_")
+            if number.isdigit():
+                (sass if kind == "sm" else ptx).add(int(number))
+    return ",".join(map(str, sorted(sass))), ",".join(map(str, sorted(ptx)))
 
 
 ext_modules, cmdclass = extensions()

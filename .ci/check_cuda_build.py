@@ -53,6 +53,12 @@ def main() -> None:
         if problems:
             sys.exit("dispatcher registrations:\n  " + "\n  ".join(problems))
         print(f"every op ({len(ok.ops.OPS)}) has a CUDA kernel and its autograd")
+        lib = ok.backend.compiled()
+        images = (list(lib.cuda_sass), list(lib.cuda_ptx))  # what backend.image_for reads
+
+    if images != ([80, 90], [90]):
+        sys.exit(f"the extension reports SASS {images[0]} and PTX {images[1]}, expected "
+                 "[80, 90] and [90] (setup.py cuda_images)")
 
     tool = cuobjdump()
     elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True,
@@ -63,7 +69,8 @@ def main() -> None:
     missing += [] if "sm_90" in ptx else ["compute_90 PTX"]
     if missing:
         sys.exit(f"the CUDA build lacks {', '.join(missing)}:\n{elf}\n{ptx}")
-    print("SASS for sm_80 and sm_90, PTX for compute_90")
+    print("SASS for sm_80 and sm_90, PTX for compute_90, as the extension reports "
+          "(cuda_sass, cuda_ptx)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_smem_budget", &octav::cuda::smem_budget);
 #ifdef OCTAV_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("cuda_kernels_run_on", &octav::cuda::kernels_run_on);
+  // The architectures compiled in (setup.py: -DOCTAV_CUDA_SASS / OCTAV_CUDA_PTX), e.g. 80 for
+  // sm_80: octav_kernels.backend decides from them, without a CUDA context, which GPUs the
+  // kernels run on.
+  m.attr("cuda_sass") = std::vector<int64_t>{OCTAV_CUDA_SASS};
+  m.attr("cuda_ptx") = std::vector<int64_t>{OCTAV_CUDA_PTX};
   m.def("cuda_octav_smem_budget", &octav::cuda::octav_smem_budget);
 #else
   m.attr("with_cuda") = false;

@@ -6,7 +6,9 @@ picks the kernel of each call by its tensors' device (no Python on that path).
 - ``cuda``: the hand-written CUDA kernels of ``octav_kernels._C`` (csrc/cuda/, compiled when the
   extension is built with a CUDA toolkit), registered for the CUDA key; measured faster than
   Triton (bench/results/gpu_bench.md). A GPU the build has no kernel image for is served by
-  Triton, with one warning, decided once when torch initializes CUDA (``gpu_plan``, ``route``).
+  Triton, with one warning, decided once when torch initializes CUDA from each GPU's compute
+  capability and the architectures built (``image_for``, ``gpu_plan``, ``route``; no CUDA
+  context is created for it).
 - ``triton``: ``octav_kernels.triton``, registered here for the CUDA key when the CUDA kernels
   are not built. Runs on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is
   imported), which is how the tests check it.
@@ -156,9 +158,25 @@ elif triton_available():
 
 # ---------------------------------------------------------------------------------------------
 # GPUs without a kernel image in this build (e.g. T4 / V100 for the default "8.0;9.0+PTX"):
-# decided once, when torch initializes CUDA.
+# decided once, when torch initializes CUDA, from the compute capabilities (no CUDA context:
+# a probe kernel would open one on every visible GPU, several GiB under torchrun, and fail on
+# GPUs in EXCLUSIVE_PROCESS mode).
 
 _gpu_fallback = torch.library.Library("octav", "IMPL")
+
+
+def image_for(capability: tuple[int, int], sass, ptx) -> str | None:
+    """The image of this build that a GPU of compute capability ``(major, minor)`` runs:
+    ``"sass"`` (a cubin for ``major.m`` with ``m <= minor``: binary compatible within a major),
+    ``"ptx"`` (PTX for an architecture at most its own, compiled by the driver at load; the
+    driver must support the PTX version nvcc wrote), or None. ``sass`` / ``ptx``: the built
+    architecture numbers (80 for sm_80)."""
+    major, minor = capability
+    if any(a // 10 == major and a % 10 <= minor for a in sass):
+        return "sass"
+    if any(a <= 10 * major + minor for a in ptx):
+        return "ptx"
+    return None
 
 
 def gpu_plan(count: int, runs_on: Callable[[int], bool]) -> set[int]:
@@ -176,7 +194,9 @@ def route(cpp: Callable, python: Callable, unsupported: set[int]) -> Callable:
 
 
 def _serve_unsupported_gpus() -> None:
-    unsupported = gpu_plan(torch.cuda.device_count(), compiled().cuda_kernels_run_on)
+    lib = compiled()
+    unsupported = gpu_plan(torch.cuda.device_count(), lambda i: image_for(
+        torch.cuda.get_device_capability(i), lib.cuda_sass, lib.cuda_ptx) is not None)
     if not unsupported:
         return
     fallback = "triton" if triton_available() else "reference"

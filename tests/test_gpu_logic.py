@@ -59,6 +59,25 @@ def test_solver_path_fits_the_device(case, sm_86, sm_90):
         assert lib.cuda_solver_path(*case, lib.cuda_smem_budget(OPTIN[arch], STATIC)) == expected
 
 
+@pytest.mark.parametrize("capability, sass, ptx, expected", [
+    ((8, 0), [80, 90], [90], "sass"),  # A100
+    ((8, 6), [80, 90], [90], "sass"),  # A10 / RTX 30: sm_80 cubins run within major 8
+    ((8, 9), [80, 90], [90], "sass"),  # L4 / L40S / RTX 40
+    ((9, 0), [80, 90], [90], "sass"),  # H100 / H200
+    ((10, 0), [80, 90], [90], "ptx"),  # B200: the compute_90 PTX, compiled by the driver
+    ((12, 0), [80, 90], [90], "ptx"),  # RTX 50
+    ((7, 5), [80, 90], [90], None),  # T4
+    ((7, 0), [80, 90], [90], None),  # V100
+    ((10, 0), [80, 90], [], None),  # no PTX built
+    ((8, 0), [86], [], None),  # a cubin for a later minor does not run on an earlier one
+    ((8, 6), [], [80], "ptx"),
+])
+def test_image_for_a_compute_capability(capability, sass, ptx, expected):
+    """Which image of the build a GPU runs, from its compute capability alone (no CUDA
+    context): issue 29's probe opened one on every visible GPU at CUDA initialization."""
+    assert backend.image_for(capability, sass, ptx) == expected
+
+
 def test_gpu_plan_and_route():
     """GPUs without a kernel image are routed to the fallback kernels, the others keep the
     C++ ones (decided once, at CUDA initialization)."""

@@ -22,10 +22,6 @@ struct Kernels {
       bool narrow, bool with_mask);
 };
 
-// Whether this build has a kernel image (SASS, or PTX the driver can JIT) for GPU `device`
-// (octav_kernels.backend serves the GPUs it has none for from Triton).
-bool kernels_run_on(int64_t device);
-
 // The dynamic shared memory the OCTAV block-per-group kernel may use on GPU `device`
 // (solver_path.h: smem_budget), cached per device.
 int64_t octav_smem_budget(int64_t device);

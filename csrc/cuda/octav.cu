@@ -321,23 +321,7 @@ void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::T
 
 Geometry geometry(const Groups& g) { return {g.outer, g.n_groups, g.inner}; }
 
-__global__ void probe_kernel() {}
-
 }  // namespace
-
-bool kernels_run_on(int64_t device) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, probe_kernel);
-  if (err == cudaSuccess) return true;
-  (void)cudaGetLastError();  // clear the error state
-  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
-      err == cudaErrorUnsupportedPtxVersion || err == cudaErrorInvalidPtx) {
-    return false;
-  }
-  C10_CUDA_CHECK(err);
-  return false;
-}
 
 int64_t octav_smem_budget(int64_t device) {
   static std::mutex lock;
