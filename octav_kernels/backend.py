@@ -163,6 +163,10 @@ elif triton_available():
 # GPUs in EXCLUSIVE_PROCESS mode).
 
 _gpu_fallback = torch.library.Library("octav", "IMPL")
+# Set by _serve_unsupported_gpus: the GPUs without an image (index -> name and capability), and
+# the C++ CUDA kernels (for a forced "cuda" backend, which must refuse those GPUs).
+_unsupported_gpus: dict[int, str] = {}
+_cpp_cuda_kernels: dict[str, Callable] = {}
 
 
 def image_for(capability: tuple[int, int], sass, ptx) -> str | None:
@@ -200,15 +204,15 @@ def _serve_unsupported_gpus() -> None:
     if not unsupported:
         return
     fallback = "triton" if triton_available() else "reference"
-    names = ", ".join(f"{i} ({torch.cuda.get_device_name(i)}, sm_"
-                      f"{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                      for i in sorted(unsupported))
+    _unsupported_gpus.update({i: f"{torch.cuda.get_device_name(i)}, sm_"
+                                 f"{''.join(map(str, torch.cuda.get_device_capability(i)))}"
+                              for i in unsupported})
+    names = ", ".join(f"{i} ({_unsupported_gpus[i]})" for i in sorted(unsupported))
     warnings.warn(f"octav_kernels: the CUDA kernels of this build have no kernel image for GPU "
                   f"{names}; its tensors are served by the {fallback} kernels instead (slower). "
                   "Rebuild with TORCH_CUDA_ARCH_LIST including its architecture to use them.",
                   RuntimeWarning, stacklevel=2)
     everywhere = len(unsupported) == torch.cuda.device_count()
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     for op in OPS.values():
         python = op.kernel(_lazy(fallback, op.name.lstrip("_")))
         if op.name == "refine_scale":  # the driver, over _candidate_sse (routed itself)
@@ -216,11 +220,43 @@ def _serve_unsupported_gpus() -> None:
         if everywhere:
             _gpu_fallback.impl(op.name, python, "CUDA")
             continue
-        cpp_kernel = torch.library.get_kernel(f"octav::{op.name}", "CUDA")
-        _gpu_fallback.impl(op.name, route(functools.partial(cpp_kernel.call_boxed, keys),
-                                          python, unsupported), "CUDA")
+        _cpp_cuda_kernels[op.name] = _boxed_cuda(torch.library.get_kernel(f"octav::{op.name}",
+                                                                          "CUDA"))
+        _gpu_fallback.impl(op.name, route(_cpp_cuda_kernels[op.name], python, unsupported),
+                           "CUDA")
     if _forced:  # a forced backend stays on top
         _forced[-1] = (_forced[-1][0], _override(_forced[-1][0], _forced[-1][1]))
+
+
+def _boxed_cuda(kernel) -> Callable:
+    """A kernel handle of ``torch.library.get_kernel`` as a plain function of the op's args."""
+    return functools.partial(kernel.call_boxed,
+                             torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA))
+
+
+def refusing_cuda(unsupported: dict[int, str], sass, ptx) -> Callable:
+    """The kernel a forced ``cuda`` backend runs on the GPUs this build has no image for: a
+    ``RuntimeError`` naming the GPU and the architectures built (never a silent fallback)."""
+    built = ", ".join([f"sm_{a}" for a in sass] + [f"compute_{a} PTX" for a in ptx]) or "none"
+
+    def refuse(*args):
+        device = next(a.get_device() for a in args if isinstance(a, torch.Tensor))
+        raise RuntimeError(f"octav backend 'cuda' cannot serve GPU {device} "
+                           f"({unsupported.get(device, 'unknown')}): this build has kernel "
+                           f"images for {built}; rebuild with TORCH_CUDA_ARCH_LIST including "
+                           "its architecture, or use the 'triton' backend")
+    return refuse
+
+
+def _register_cuda_refusal(lib: torch.library.Library) -> None:
+    """Forced ``cuda`` with GPUs the build has no image for: the C++ kernels on the others, the
+    refusal on those (instead of the default routing to Triton)."""
+    refuse = refusing_cuda(_unsupported_gpus, compiled().cuda_sass, compiled().cuda_ptx)
+    for op in OPS.values():
+        if op.name == "refine_scale":  # the driver, over _candidate_sse (refused itself)
+            continue
+        cpp = _cpp_cuda_kernels.get(op.name, refuse)
+        lib.impl(op.name, route(cpp, refuse, set(_unsupported_gpus)), "CUDA")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +279,8 @@ def _override(name: str, replaces: torch.library.Library | None = None
         warnings.simplefilter("ignore")
         for device_type, key in _DEVICE_KEYS:
             if native(device_type) == name:
+                if name == "cuda" and device_type == "cuda" and _unsupported_gpus:
+                    _register_cuda_refusal(lib)
                 continue
             if available(name, torch.device(device_type)) and name in ("reference", "triton"):
                 _register_python(lib, name, key)

@@ -92,6 +92,41 @@ def test_gpu_plan_and_route():
     assert kernel(3, torch.ones(2)) == "cpp"
 
 
+def test_forced_cuda_backend_refuses_gpus_without_an_image(monkeypatch):
+    """use_backend("cuda") must not hand a GPU without a kernel image to Triton silently
+    (issue 29): its kernels raise, naming the GPU and the architectures built. Here the
+    registration runs on a CPU machine with one such GPU pretended, and the refusal is called
+    directly (CPU tensors report device -1)."""
+    refuse = backend.refusing_cuda({-1: "Tesla T4, sm_75"}, [80, 90], [90])
+    with pytest.raises(RuntimeError, match=r"^octav backend 'cuda' cannot serve GPU -1 "
+                       r"\(Tesla T4, sm_75\): this build has kernel images for sm_80, sm_90, "
+                       r"compute_90 PTX; rebuild"):
+        refuse(3, torch.ones(2))
+    kernel = backend.route(lambda *a: "cpp", refuse, {0})
+    assert kernel(torch.ones(2)) == "cpp"  # the other GPUs keep the C++ kernels
+
+    class Built:
+        cuda_sass, cuda_ptx = [80, 90], [90]
+
+    monkeypatch.setattr(backend, "compiled", lambda: Built)
+    monkeypatch.setattr(backend, "native", lambda device_type: "cuda")
+    monkeypatch.setattr(backend, "_unsupported_gpus", {1: "Tesla T4, sm_75"})
+    lib = backend._override("cuda")  # registers the refusing routes for the CUDA key
+    try:  # what the CUDA key now runs (called with CPU tensors: no C++ kernels kept here)
+        cuda = torch.library.get_kernel("octav::fake_quantize", "CUDA")
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+        with pytest.raises(RuntimeError, match="^octav backend 'cuda' cannot serve GPU -1 "
+                                               r"\(unknown\): this build has kernel images "
+                                               "for sm_80, sm_90, compute_90 PTX"):
+            cuda.call_boxed(keys, torch.ones(3), torch.tensor(1.0), 4, True, None, None,
+                            "mad", False)
+    finally:
+        backend._override("auto", lib)
+    x = make_data((4, 8), seed=1)
+    torch.testing.assert_close(ok.fake_quantize(x, torch.tensor(1.0), 4),
+                               ok.reference.fake_quantize(x, torch.tensor(1.0), 4))
+
+
 def test_triton_launches_on_the_tensors_gpu(monkeypatch):
     """launch() enters torch.cuda.device(x.device) for a CUDA tensor (a tensor on cuda:1 while
     cuda:0 is current), and every Triton launch of the package goes through it."""
