@@ -52,6 +52,13 @@ tail -3 "$OUT/memcheck.log"
 timeout 240 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
   -p no:cacheprovider -k "$racecheck" > "$OUT/racecheck.log" 2>&1
 tail -3 "$OUT/racecheck.log"
+# The LSQ backward (issue 29): memcheck and racecheck of its CUDA tests.
+timeout 150 compute-sanitizer --tool memcheck python3 -m pytest tests/test_cuda.py -q \
+  -p no:cacheprovider -k "lsq and float32" > "$OUT/memcheck_lsq.log" 2>&1
+tail -3 "$OUT/memcheck_lsq.log"
+timeout 150 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
+  -p no:cacheprovider -k "lsq and float32" > "$OUT/racecheck_lsq.log" 2>&1
+tail -3 "$OUT/racecheck_lsq.log"
 
 fi
 
