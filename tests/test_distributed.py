@@ -55,6 +55,23 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         c(data["flat"][: len(data["flat"]) // 2])
         c(data["flat"][len(data["flat"]) // 2:])
     r["calibrated"] = c.scale.clone()
+    # DDP broadcasts buffers from rank 0 at every forward: the GPU NaN/inf flag (the deferred
+    # path, forced here on the CPU) must not be one, or the last rank's NaN would be erased.
+    ok.Quantizer.deferred_check = ("cpu",)
+    torch.manual_seed(0)
+    model = ok.quantize_model(torch.nn.Sequential(torch.nn.Linear(7, 3)), first_last_bits=None,
+                              act_signed=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    bad = full["act"][:8].clone()
+    if rank == world - 1:
+        bad[0, 0] = float("nan")
+    ddp(bad).sum().backward()
+    ddp(full["act"][8:16]).sum().backward()
+    try:
+        ok.check_finite(model)
+        r["ddp_nan_raised"] = False
+    except ValueError:
+        r["ddp_nan_raised"] = True
     torch.save(r, os.path.join(out, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -116,6 +133,12 @@ def test_quantizer_with_process_group(ranks):
                torch.cat([x[len(x) // 2:] for x in shards])]
     want = sum(ok.octav_scale(b, 4).double() for b in batches) / 2
     assert_scale_close(ranks[0]["calibrated"], want.float(), torch.float32)
+
+
+def test_ddp_buffer_broadcast_keeps_each_ranks_nan_flag(ranks):
+    """The rank whose batch had a NaN raises at check_finite; DDP's broadcast of rank 0's
+    buffers did not erase its flag (issue 29, item 8)."""
+    assert [r["ddp_nan_raised"] for r in ranks] == [i == len(ranks) - 1 for i in range(len(ranks))]
 
 
 def test_bad_arguments_and_no_process_group():

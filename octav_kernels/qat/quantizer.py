@@ -132,7 +132,10 @@ class Quantizer(OscillationTracking, nn.Module):
         self._uncounted = False  # whether one of those ran under torch.compile (not counted)
         self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
         self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        # The GPU NaN/inf flag: a plain attribute, not a buffer, so that DDP's buffer broadcast
+        # (from rank 0 at every forward) cannot erase what another rank recorded; it follows
+        # the data's device lazily (_all_finite).
+        self._nonfinite = torch.zeros((), dtype=torch.bool)
         policy.attach(self)
 
     @property
