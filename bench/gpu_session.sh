@@ -41,24 +41,21 @@ step "compute-sanitizer memcheck / racecheck"
 # earlier session selected none).
 memcheck="float32 or not solver"
 racecheck="solver_paths and float32 and not unsigned"
-for k in "$memcheck" "$racecheck"; do
+lsq="lsq and float32"  # the LSQ backward (issue 29)
+for k in "$memcheck" "$racecheck" "$lsq"; do
   n=$(python3 -m pytest tests/test_cuda.py -q --co -p no:cacheprovider -k "$k" | grep -c "::")
   echo "selection '$k': $n tests"
   [ "$n" -gt 0 ] || exit 1
 done
-timeout 150 compute-sanitizer --tool memcheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "$memcheck" > "$OUT/memcheck.log" 2>&1
-tail -3 "$OUT/memcheck.log"
-timeout 240 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "$racecheck" > "$OUT/racecheck.log" 2>&1
-tail -3 "$OUT/racecheck.log"
-# The LSQ backward (issue 29): memcheck and racecheck of its CUDA tests.
-timeout 150 compute-sanitizer --tool memcheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "lsq and float32" > "$OUT/memcheck_lsq.log" 2>&1
-tail -3 "$OUT/memcheck_lsq.log"
-timeout 150 compute-sanitizer --tool racecheck python3 -m pytest tests/test_cuda.py -q \
-  -p no:cacheprovider -k "lsq and float32" > "$OUT/racecheck_lsq.log" 2>&1
-tail -3 "$OUT/racecheck_lsq.log"
+sanitize() {  # tool, selection, log name, time limit
+  timeout "$4" compute-sanitizer --tool "$1" python3 -m pytest tests/test_cuda.py -q \
+    -p no:cacheprovider -k "$2" > "$OUT/$3" 2>&1
+  tail -3 "$OUT/$3"
+}
+sanitize memcheck "$memcheck" memcheck.log 150
+sanitize racecheck "$racecheck" racecheck.log 240
+sanitize memcheck "$lsq" memcheck_lsq.log 150
+sanitize racecheck "$lsq" racecheck_lsq.log 150
 
 fi
 

@@ -218,7 +218,7 @@ def test_nonfinite_check_sees_compiled_steps_on_the_gpu():
         ok.check_finite(torch.nn.Sequential(qz))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gran", [{"group_size": 32}, {"group_size": 128}, {"dim": 0}, {}],
                          ids=["g32", "g128", "channel", "tensor"])
 def test_lsq_backward_matches_the_reference_and_repeats(gran, dtype):
