@@ -192,9 +192,13 @@ def route(cpp: Callable, python: Callable, unsupported: set[int]) -> Callable:
     """A kernel that hands calls on the ``unsupported`` GPUs (by ``Tensor.get_device()`` of the
     first tensor argument) to ``python`` and the others to ``cpp``."""
     def kernel(*args):
-        device = next(a.get_device() for a in args if isinstance(a, torch.Tensor))
-        return python(*args) if device in unsupported else cpp(*args)
+        return python(*args) if _gpu_of(args) in unsupported else cpp(*args)
     return kernel
+
+
+def _gpu_of(args) -> int:
+    """The device index of an op call: ``Tensor.get_device()`` of its first tensor argument."""
+    return next(a.get_device() for a in args if isinstance(a, torch.Tensor))
 
 
 def _serve_unsupported_gpus() -> None:
@@ -240,7 +244,7 @@ def refusing_cuda(unsupported: dict[int, str], sass, ptx) -> Callable:
     built = ", ".join([f"sm_{a}" for a in sass] + [f"compute_{a} PTX" for a in ptx]) or "none"
 
     def refuse(*args):
-        device = next(a.get_device() for a in args if isinstance(a, torch.Tensor))
+        device = _gpu_of(args)
         raise RuntimeError(f"octav backend 'cuda' cannot serve GPU {device} "
                            f"({unsupported.get(device, 'unknown')}): this build has kernel "
                            f"images for {built}; rebuild with TORCH_CUDA_ARCH_LIST including "

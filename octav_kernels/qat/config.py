@@ -17,15 +17,7 @@ import torch
 from .. import _args
 from ..calibrate import Calibrator, make_calibrator
 from .quantizer import QuantAct, Quantizer
-from .scale import (
-    MODES,
-    DynamicScale,
-    LearnedScale,
-    ScalePolicy,
-    StaticScale,
-    check_owned_fields,
-    choice,
-)
+from .scale import MODES, ScalePolicy, check_owned_fields, choice, make_policy
 
 ESTIMATORS = ("mph", "mad", "pwl", "ste")
 
@@ -88,14 +80,12 @@ class QuantConfig:
         if self.act_signed is not None and not isinstance(self.act_signed, bool):
             raise TypeError(f"act_signed must be a bool or None, got "
                             f"{type(self.act_signed).__name__}")
-        for name in ("calibrator", "weight_calibrator", "act_calibrator"):
-            value = getattr(self, name)
-            if value is not None or name == "calibrator":
+        make_calibrator(self.calibrator)
+        for name in ("weight_calibrator", "act_calibrator"):
+            if getattr(self, name) is not None:
                 try:
-                    make_calibrator(value)
+                    make_calibrator(getattr(self, name))
                 except (TypeError, ValueError) as err:
-                    if name == "calibrator":
-                        raise
                     raise type(err)(f"{name}: {err}") from None
         if _args.check_int(self.every, "every") < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
@@ -123,15 +113,12 @@ class QuantConfig:
         """The scale policy of ``mode`` with this config's fields (``every`` for dynamic
         scales, ``grad_scale`` and ``scale_shape`` for learned ones) and ``calibrator``
         (default: the config's ``calibrator``)."""
-        choice(mode, MODES, "mode")
-        calibrator = self.calibrator if calibrator is None else calibrator
-        common = dict(process_group=process_group)
-        if mode == "dynamic":
-            return DynamicScale(calibrator, every=self.every, **common)
-        if mode == "learned":
-            return LearnedScale(calibrator, grad_scale=self.grad_scale,
-                                scale_shape=scale_shape, **common)
-        return StaticScale(calibrator, **common)
+        learned = mode == "learned"
+        return make_policy(mode, self.calibrator if calibrator is None else calibrator,
+                           every=self.every if mode == "dynamic" else 1,
+                           grad_scale=self.grad_scale if learned else True,
+                           scale_shape=scale_shape if learned else None,
+                           process_group=process_group)
 
     def weight_quantizer(self, weight_shape) -> Quantizer:
         """The quantizer of a weight of ``weight_shape`` (signed; computes its scale from the

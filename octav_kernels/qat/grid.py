@@ -16,6 +16,13 @@ import torch
 from .. import _args, reference
 
 
+def granularity(dim: int | None, group_size: int | None) -> str:
+    """``per tensor``, ``dim=d`` or ``group_size=G`` (for the modules' ``extra_repr``)."""
+    if dim is not None:
+        return f"dim={dim}"
+    return "per tensor" if group_size is None else f"group_size={group_size}"
+
+
 @dataclass(frozen=True)
 class Grid:
     """``bits``-bit levels ``lo..hi`` (signed, unsigned or narrow, ``_args.levels``), scaled by
@@ -52,8 +59,6 @@ class Grid:
 
     def describe(self) -> str:
         """``bits=4, signed=True, per tensor`` (for the modules' ``extra_repr``)."""
-        gran = ("per tensor" if self.dim is None and self.group_size is None
-                else f"dim={self.dim}" if self.dim is not None
-                else f"group_size={self.group_size}")
-        return (f"bits={self.bits}, signed={self.signed}, {gran}"
+        return (f"bits={self.bits}, signed={self.signed}, "
+                f"{granularity(self.dim, self.group_size)}"
                 + (", narrow=True" if self.narrow else ""))

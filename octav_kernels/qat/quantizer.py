@@ -14,7 +14,7 @@ from torch import nn
 from .. import _args, distributed
 from ..calibrate import Calibrator
 from ..ops import fake_quantize, fake_quantize_lsq
-from .grid import Grid
+from .grid import Grid, granularity
 from .scale import ScalePolicy, make_policy
 from .tracking import OSC_BUFFERS, OscillationTracking
 
@@ -128,8 +128,7 @@ class Quantizer(OscillationTracking, nn.Module):
         self._calibration: tuple[torch.Tensor, int] | None = None
         self._scale_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read (eager)
-        self._recorded = False  # whether a CUDA check was recorded since (eager or compiled)
-        self._uncounted = False  # whether one of those ran under torch.compile (not counted)
+        self._uncounted = False  # whether one ran under torch.compile since (not counted)
         self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
         self.register_buffer("scale", torch.empty(0))
         # The GPU NaN/inf flag: a plain attribute, not a buffer, so that DDP's buffer broadcast
@@ -267,12 +266,10 @@ class Quantizer(OscillationTracking, nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        gran = ("per tensor" if self.dim is None and self.group_size is None
-                else f"dim={self.dim}" if self.dim is not None
-                else f"group_size={self.group_size}")
         signed = "auto" if self.signed is None else self.signed
-        return (f"bits={self.bits}, signed={signed}, {gran}, grad={self.grad}, "
-                f"{self.policy.describe()}" + (", narrow=True" if self.narrow else "")
+        return (f"bits={self.bits}, signed={signed}, {granularity(self.dim, self.group_size)}, "
+                f"grad={self.grad}, {self.policy.describe()}"
+                + (", narrow=True" if self.narrow else "")
                 + ("" if self.grad_scale else ", grad_scale=False")
                 + (f", oscillations tracked (momentum={self.momentum})" if self.tracking else ""))
 
@@ -289,7 +286,7 @@ class Quantizer(OscillationTracking, nn.Module):
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward with the kept scale (computed from ``x`` first if there is none and
         ``init_from_input``)."""
-        if self._recorded:
+        if self._unchecked or self._uncounted:
             self.check_nonfinite()
         if not self.initialized:
             if not self.init_from_input:
@@ -390,7 +387,6 @@ class Quantizer(OscillationTracking, nn.Module):
         if self._nonfinite.device != good.device:
             self._nonfinite = torch.zeros((), dtype=torch.bool, device=good.device)
         self._nonfinite |= ~good
-        self._recorded = True
         if torch.compiler.is_compiling():  # a Python counter would recompile at every step
             self._uncounted = True
         else:
@@ -404,9 +400,8 @@ class Quantizer(OscillationTracking, nn.Module):
         on a GPU since the last check was NaN/inf (one host sync; nothing to do on CPU, where
         every scale is checked at once)."""
         unchecked, self._unchecked = self._unchecked, 0
-        recorded, self._recorded = self._recorded, False
         counted, self._uncounted = not self._uncounted, False
-        if recorded and bool(self._nonfinite):
+        if (unchecked or not counted) and bool(self._nonfinite):
             self._nonfinite.zero_()
             when = f"one of the last {unchecked}" if counted else "a recent"
             steps = "steps" if counted else "step"
@@ -456,12 +451,7 @@ class Quantizer(OscillationTracking, nn.Module):
             return False
         acc, count = self._calibration
         self._calibration = None
-        mean = self.policy.reduce == "mean"
-        s = (acc / count if mean else acc).float()
-        if self.policy.process_group is not None:  # every rank observed its own batches
-            reduce = distributed.all_reduce_mean if mean else distributed.all_reduce_max
-            s = reduce(s, self.policy.group)
-        self.set_scale(s)
+        self.set_scale(self.policy.calibrated(acc, count))
         return True
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import _args
+from .. import _args, distributed
 from ..calibrate import Calibrator, make_calibrator
 
 if TYPE_CHECKING:
@@ -78,6 +78,16 @@ class ScalePolicy:
     def combine(self, acc: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Fold one calibration batch's scale into the running result (float64)."""
         return acc + s if self.reduce == "mean" else torch.maximum(acc, s)
+
+    def calibrated(self, acc: torch.Tensor, count: int) -> torch.Tensor:
+        """The calibrated scale (float32) from ``count`` batches folded into ``acc``: their
+        mean (or max), then over the ranks with a process group (each observed its own)."""
+        mean = self.reduce == "mean"
+        s = (acc / count if mean else acc).float()
+        if self.process_group is not None:
+            reduce = distributed.all_reduce_mean if mean else distributed.all_reduce_max
+            s = reduce(s, self.group)
+        return s
 
     def describe(self) -> str:
         return f"mode={self.mode}, calibrator={self.calibrator}"

@@ -77,7 +77,7 @@ class OscillationTracking:
             x, scale, self.bits, self._oscillation_state(x, scale), signed=self.signed,
             dim=self.dim, group_size=self.group_size, grad=self.grad, narrow=self.narrow,
             momentum=self.momentum, freeze_threshold=self.osc_threshold, update=self.training,
-            learned=learned, grad_scale=self.policy.grad_scale if learned else True)
+            learned=learned, grad_scale=self.grad_scale)
 
     def frozen_fraction(self) -> float:
         """Fraction of the tracked elements that are frozen (0 before tracking starts)."""
