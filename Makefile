@@ -34,6 +34,7 @@ bench: $(VENV)/.built
 	$(PY) bench/bench_fake_quant.py --out bench/results/cpu_fake_quant.md
 	$(PY) bench/bench_lsq.py --out bench/results/cpu_lsq.md
 	$(PY) bench/bench_refine.py --out bench/results/cpu_refine.md
+	$(PY) bench/bench_importance.py --out bench/results/cpu_importance.md
 	$(PY) bench/bench_oscillation.py --out bench/results/cpu_oscillation.md
 	$(PY) bench/bench_overhead.py --out bench/results/cpu_overhead.md
 

@@ -132,6 +132,56 @@ at::Tensor check_init(const std::optional<at::Tensor>& init, const at::Tensor& x
   return check_scale(*init, x, g, "init");
 }
 
+at::Tensor check_importance(const std::optional<at::Tensor>& importance, const at::Tensor& x) {
+  if (!importance) return at::Tensor();
+  const at::Tensor& h = *importance;
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat, "importance must be torch.float32, got ",
+                   dtype_name(h.scalar_type()));
+  TORCH_CHECK_VALUE(h.device() == x.device(), "importance is on ", h.device().str(),
+                    " but x is on ", x.device().str());
+  bool broadcasts = h.dim() <= x.dim();
+  for (int64_t i = 1; broadcasts && i <= h.dim(); ++i) {
+    const int64_t a = h.size(h.dim() - i), b = x.size(x.dim() - i);
+    broadcasts = a == b || a == 1;
+  }
+  TORCH_CHECK_VALUE(broadcasts, "importance of shape ", shape_of(h.sizes()),
+                    " does not broadcast to x's shape ", shape_of(x.sizes()));
+  TORCH_CHECK_VALUE(h.numel() == 0 || (at::isfinite(h) & h.ge(0)).all().item<bool>(),
+                    "importance must be finite and >= 0 (it weights each element's squared "
+                    "error); it has a negative, NaN or inf entry");
+  return h;
+}
+
+at::Tensor importance_layout(const at::Tensor& importance, const at::Tensor& x, const Groups& g,
+                             bool fallback) {
+  if (!importance.defined()) return importance;
+  const at::Tensor full = importance.expand(x.sizes());
+  // Whether importance is constant along x's dim d (it broadcasts there).
+  auto broadcast_along = [&](int64_t d) {
+    const int64_t k = d - (x.dim() - importance.dim());
+    return k < 0 || importance.size(k) == 1;
+  };
+  at::Tensor rows;
+  if (g.dim) {
+    rows = broadcast_along(*g.dim) ? full.select(*g.dim, 0).reshape({1, g.len()})
+                                   : full.movedim(*g.dim, 0).reshape({g.n_groups, g.len()});
+  } else if (g.group_size) {
+    bool leading = true;  // constant along every dim but the last: one row per block position
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) leading = leading && broadcast_along(d);
+    const int64_t per_row = x.size(-1) / *g.group_size;
+    rows = leading && x.dim() > 0
+               ? full.reshape({-1, x.size(-1)}).select(0, 0).reshape({per_row, *g.group_size})
+               : full.reshape({g.n_groups, *g.group_size});
+  } else {
+    rows = full.reshape({1, g.len()});
+  }
+  rows = rows.contiguous();
+  if (!fallback) return rows;
+  const at::Tensor uninformed = rows.sum(1).eq(0);  // no cancellation: h >= 0
+  if (!uninformed.any().item<bool>()) return rows;
+  return at::where(uninformed.unsqueeze(1), at::ones({}, rows.options()), rows);
+}
+
 void check_state(const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype,
                  const char* name, bool contiguous) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ",

@@ -56,6 +56,17 @@ at::Tensor check_scale(const at::Tensor& scale, const at::Tensor& x, const Group
 // An optional init: an empty tensor when absent (cold start), else as check_scale.
 at::Tensor check_init(const std::optional<at::Tensor>& init, const at::Tensor& x,
                       const Groups& g);
+// The optional importance of the weighted ops (SPEC §2.1): float32 on x's device, broadcastable
+// to x's shape, finite and >= 0 (one device synchronization); undefined when absent.
+at::Tensor check_importance(const std::optional<at::Tensor>& importance, const at::Tensor& x);
+// The importance as the reductions read it: a contiguous float32 [P, len] table, group c's
+// weights in row c % P, in the order the group's elements are read (outer, inner: the order of
+// reduction_layout and of octav_kernels._args.as_rows). P = 1 when the importance is the same
+// for every group (a [in] importance of a [out, in] weight per channel), in / G for blocks of G
+// of a [.., in] weight, else n_groups. With fallback, groups whose importance sums to 0 are
+// weighted 1 everywhere. Undefined stays undefined (no importance).
+at::Tensor importance_layout(const at::Tensor& importance, const at::Tensor& x, const Groups& g,
+                             bool fallback);
 // A per-element state tensor: x's shape and device, `dtype`, contiguous where `contiguous`.
 void check_state(const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype,
                  const char* name, bool contiguous = false);

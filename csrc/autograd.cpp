@@ -34,9 +34,9 @@ using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::T
 using PwlBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 using FusedSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool, OptInt,
                                                     OptInt, c10::string_view, const OptTensor&,
-                                                    bool);
+                                                    bool, const OptTensor&);
 using FusedPackedSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, int64_t, bool, OptInt, OptInt, const OptTensor&, bool);
+    const at::Tensor&, int64_t, bool, OptInt, OptInt, const OptTensor&, bool, const OptTensor&);
 using LsqSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, OptInt, OptInt,
                           c10::string_view, bool, bool);
 using LsqBackwardSig = std::tuple<at::Tensor, at::Tensor>(
@@ -142,7 +142,8 @@ at::Tensor fake_quantize_autograd(const at::Tensor& x, const at::Tensor& scale, 
 struct OctavFakeQuantize : torch::autograd::Function<OctavFakeQuantize> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t bits,
                                bool is_signed, OptInt dim, OptInt group_size,
-                               c10::string_view grad, const OptTensor& init, bool narrow) {
+                               c10::string_view grad, const OptTensor& init, bool narrow,
+                               const OptTensor& importance) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Grad mode = check_grad(grad);
     save_estimator(ctx, mode, is_signed, dim, group_size);
@@ -150,11 +151,11 @@ struct OctavFakeQuantize : torch::autograd::Function<OctavFakeQuantize> {
     if (mode == kPwl) {
       at::Tensor mask;
       std::tie(y, scale, mask) =
-          fused_packed_op().call(x, bits, is_signed, dim, group_size, init, narrow);
+          fused_packed_op().call(x, bits, is_signed, dim, group_size, init, narrow, importance);
       ctx->save_for_backward({mask});
     } else {
       std::tie(y, scale) = fused_op().call(x, bits, is_signed, dim, group_size, grad, init,
-                                           narrow);
+                                           narrow, importance);
       if (mode == kMad) ctx->save_for_backward({x, scale});
     }
     ctx->mark_non_differentiable({scale});
@@ -162,19 +163,19 @@ struct OctavFakeQuantize : torch::autograd::Function<OctavFakeQuantize> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {estimator_grad(ctx, grads[0]), {}, {}, {}, {}, {}, {}, {}};
+    return {estimator_grad(ctx, grads[0]), {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> octav_fake_quantize_autograd(
     const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim, OptInt group_size,
-    c10::string_view grad, const OptTensor& init, bool narrow) {
+    c10::string_view grad, const OptTensor& init, bool narrow, const OptTensor& importance) {
   if (!needs_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return fused_op().call(x, bits, is_signed, dim, group_size, grad, init, narrow);
+    return fused_op().call(x, bits, is_signed, dim, group_size, grad, init, narrow, importance);
   }
   const auto out = OctavFakeQuantize::apply(x, bits, is_signed, dim, group_size, grad, init,
-                                            narrow);
+                                            narrow, importance);
   return {out[0], out[1]};
 }
 

@@ -4,6 +4,9 @@
 // _fake_quantize_packed with a mask). Tensors are checked and contiguous, seen as
 // [outer, n_groups, inner] (Groups); scales are float32 [n_groups]. A device with a fused
 // OCTAV + fake-quant kernel sets kFusedOctav and adds octav_fake_quantize (cuda/kernels.h).
+// The reductions take the importance h of SPEC §2.1 (args.h importance_layout: a [P, len] table,
+// group c weighted by row c % P; fallback applied except for masked_sums), or an undefined
+// tensor for the unweighted op; weighted masked_sums returns its three sums as float32.
 #pragma once
 
 #include <tuple>
@@ -38,10 +41,11 @@
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x, \
                                                                     const at::Tensor& scale, \
                                                                     const Groups& g, \
-                                                                    bool is_signed); \
+                                                                    bool is_signed, \
+                                                                    const at::Tensor& h); \
   static at::Tensor octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g, \
                                 bool is_signed, double octav_const, int64_t max_iters, \
-                                double rtol); \
+                                double rtol, const at::Tensor& h); \
   static at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& g, \
-                                  const Levels& lv);
+                                  const Levels& lv, const at::Tensor& h);
 // clang-format on

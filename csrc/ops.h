@@ -168,14 +168,15 @@ inline Groups check_octav(const at::Tensor& x, int64_t bits, bool is_signed, Opt
 template <typename K>
 at::Tensor octav_scale(const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim,
                        OptInt group_size, const OptTensor& init, int64_t max_iters, double rtol,
-                       bool narrow) {
+                       bool narrow, const OptTensor& importance) {
   at::Tensor init_flat;
   const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
   check_iteration(max_iters, rtol);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
   const auto [xr, gr] = reduction_layout(x, g);
   return K::octav_scale(xr, init_flat, gr, is_signed, octav_constant(bits, is_signed, narrow),
-                        max_iters, rtol)
+                        max_iters, rtol, importance_layout(h, x, g, true))
       .view(g.scale_shape);
 }
 
@@ -183,16 +184,19 @@ template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
                                                            const at::Tensor& scale,
                                                            bool is_signed, OptInt dim,
-                                                           OptInt group_size) {
+                                                           OptInt group_size,
+                                                           const OptTensor& importance) {
   check_x(x);
   const Groups g = groups(x, dim, group_size);
   const at::Tensor s = check_scale(scale, x, g);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) {
-    auto zeros = zeros_like_scale(x, g, at::kLong);
+    auto zeros = zeros_like_scale(x, g, h.defined() ? at::kFloat : at::kLong);
     return {zeros.to(at::kFloat), zeros, zeros.clone()};
   }
   const auto [xr, gr] = reduction_layout(x, g);
-  auto [s_out, n_in, n_out] = K::masked_sums(xr, s, gr, is_signed);
+  auto [s_out, n_in, n_out] = K::masked_sums(xr, s, gr, is_signed,
+                                             importance_layout(h, x, g, false));
   return {s_out.view(g.scale_shape), n_in.view(g.scale_shape), n_out.view(g.scale_shape)};
 }
 
@@ -200,21 +204,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
 // if with_mask: the device's fused kernel where it has one (K::kFusedOctav) and the groups are
 // read in x's own layout; otherwise composed: the scale, then the fake-quant of the original
 // layout with it (one more read of x).
+// h: the checked importance (undefined: none), laid out here.
 template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_octav(const at::Tensor& x,
                                                            const at::Tensor& init,
                                                            const Groups& g, int64_t bits,
                                                            bool is_signed, bool narrow,
-                                                           bool with_mask) {
+                                                           bool with_mask, const at::Tensor& h) {
+  const at::Tensor hr = importance_layout(h, x, g, true);  // x's own layout unless transposed
   if constexpr (K::kFusedOctav) {
     if (!transposed_for_kernels(g)) {
-      return K::octav_fake_quantize(x, init, g, bits, is_signed, narrow, with_mask);
+      return K::octav_fake_quantize(x, init, g, bits, is_signed, narrow, with_mask, hr);
     }
   }
   const auto [xr, gr] = reduction_layout(x, g);
   const at::Tensor scale = K::octav_scale(xr, init, gr, is_signed,
                                           octav_constant(bits, is_signed, narrow),
-                                          kDefaultMaxIters, kDefaultRtol);
+                                          kDefaultMaxIters, kDefaultRtol, hr);
   at::Tensor mask = at::empty({0}, x.options().dtype(at::kInt));
   at::Tensor y = K::fake_quantize(x.contiguous(), scale, g, levels(bits, is_signed, narrow),
                                   is_signed, with_mask ? &mask : nullptr);
@@ -225,25 +231,28 @@ template <typename K>
 std::tuple<at::Tensor, at::Tensor> octav_fake_quantize(const at::Tensor& x, int64_t bits,
                                                        bool is_signed, OptInt dim,
                                                        OptInt group_size, c10::string_view grad,
-                                                       const OptTensor& init, bool narrow) {
+                                                       const OptTensor& init, bool narrow,
+                                                       const OptTensor& importance) {
   at::Tensor init_flat;
   const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
   check_grad(grad);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat)};
-  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, false);
+  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, false, h);
   return {y, scale.view(g.scale_shape)};
 }
 
 template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize_packed(
     const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim, OptInt group_size,
-    const OptTensor& init, bool narrow) {
+    const OptTensor& init, bool narrow, const OptTensor& importance) {
   at::Tensor init_flat;
   const Groups g = check_octav(x, bits, is_signed, dim, group_size, init, narrow, init_flat);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) {
     return {empty_like_x(x), zeros_like_scale(x, g, at::kFloat), empty_mask(x)};
   }
-  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, true);
+  auto [y, scale, mask] = fused_octav<K>(x, init_flat, g, bits, is_signed, narrow, true, h);
   return {y, scale.view(g.scale_shape), mask};
 }
 
@@ -253,24 +262,29 @@ constexpr int64_t kMaxCandidates = 8;  // of one _candidate_sse pass, on every b
 
 template <typename K>
 at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t bits,
-                         bool is_signed, OptInt dim, OptInt group_size, bool narrow) {
+                         bool is_signed, OptInt dim, OptInt group_size, bool narrow,
+                         const OptTensor& importance) {
   const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
   check_candidates(cand, x, g, kMaxCandidates);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) return at::zeros(cand.sizes(), cand.options().dtype(at::kDouble));
   const auto [xr, gr] = reduction_layout(x, g);
   return K::candidate_sse(xr, cand.to(at::kFloat).contiguous(), gr,
-                          levels(bits, is_signed, narrow));
+                          levels(bits, is_signed, narrow), importance_layout(h, x, g, true));
 }
 
 // The whole refinement search (devices whose kernels run it: K::refine_scale).
 template <typename K>
 at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t bits,
-                        bool is_signed, OptInt dim, OptInt group_size, bool narrow) {
+                        bool is_signed, OptInt dim, OptInt group_size, bool narrow,
+                        const OptTensor& importance) {
   const Groups g = check_common(x, bits, is_signed, dim, group_size, narrow);
   const at::Tensor s = check_scale(scale, x, g);
+  const at::Tensor h = check_importance(importance, x);
   if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
   const auto [xr, gr] = reduction_layout(x, g);
-  return K::refine_scale(xr, s, gr, levels(bits, is_signed, narrow), is_signed)
+  return K::refine_scale(xr, s, gr, levels(bits, is_signed, narrow), is_signed,
+                         importance_layout(h, x, g, true))
       .view(g.scale_shape);
 }
 

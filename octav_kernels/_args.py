@@ -185,6 +185,42 @@ def kernel_layout(x: torch.Tensor, g: Groups) -> tuple[torch.Tensor, int, int, i
     return x.contiguous(), g.outer, g.n_groups, g.inner
 
 
+def kernel_importance(importance: torch.Tensor | None, x: torch.Tensor, g: Groups,
+                      fallback: bool = True) -> torch.Tensor | None:
+    """The importance as the kernels read it (SPEC §2.1; csrc/args.h ``importance_layout``): a
+    contiguous float32 ``[P, len]`` table, group c weighted by row ``c % P``, each row in the
+    order of ``as_rows``. P = 1 when every group has the same weights (a ``[in]`` importance of
+    a ``[out, in]`` weight per channel), ``in / G`` for blocks of G along a broadcast last dim,
+    else n_groups. With ``fallback``, a group whose importance sums to 0 is weighted 1
+    everywhere. None stays None (no importance)."""
+    if importance is None:
+        return None
+    full = importance.expand(x.shape)
+    lead = x.dim() - importance.dim()
+
+    def broadcast_along(d):
+        return d < lead or importance.shape[d - lead] == 1
+
+    length = x.numel() // g.n_groups if g.n_groups else 0
+    if g.dim is not None:
+        rows = (full.select(g.dim, 0).reshape(1, length) if broadcast_along(g.dim)
+                else full.movedim(g.dim, 0).reshape(g.n_groups, length))
+    elif g.group_size is not None:
+        if all(broadcast_along(d) for d in range(x.dim() - 1)):
+            rows = full.reshape(-1, x.shape[-1])[0].reshape(-1, g.group_size)
+        else:
+            rows = full.reshape(g.n_groups, g.group_size)
+    else:
+        rows = full.reshape(1, x.numel())
+    rows = rows.contiguous()
+    if not fallback:
+        return rows
+    uninformed = rows.sum(1) == 0  # no cancellation: h >= 0
+    if not bool(uninformed.any()):
+        return rows
+    return torch.where(uninformed.unsqueeze(1), torch.ones((), device=rows.device), rows)
+
+
 def flat_scale(scale: torch.Tensor | None) -> torch.Tensor:
     """A scale (or init) as the kernels take it: contiguous float32 ``[n_groups]``; no init
     (None) is an empty tensor."""
@@ -215,6 +251,33 @@ def check_scale(scale: object, x: torch.Tensor, g: Groups, name: str = "scale") 
     if scale.device != x.device:
         raise ValueError(f"{name} is on {scale.device} but x is on {x.device}")
     return scale.to(torch.float32).contiguous()
+
+
+def check_importance(importance: object, x: torch.Tensor, values: bool = True
+                     ) -> torch.Tensor | None:
+    """The optional importance ``h`` of the weighted ops (SPEC §2.1): a float32 tensor on x's
+    device that broadcasts to x's shape, finite and >= 0. Returned as given (not expanded).
+    Checking its ``values`` synchronizes with the device once (fake kernels skip it)."""
+    if importance is None:
+        return None
+    if not isinstance(importance, torch.Tensor):
+        raise TypeError(f"importance must be a torch.Tensor, got {type(importance).__name__}")
+    if importance.dtype != torch.float32:
+        raise TypeError(f"importance must be torch.float32, got {importance.dtype}")
+    if importance.device != x.device:
+        raise ValueError(f"importance is on {importance.device} but x is on {x.device}")
+    try:
+        shape = torch.broadcast_shapes(importance.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(f"importance of shape {list(importance.shape)} does not broadcast to "
+                         f"x's shape {list(x.shape)}")
+    if values and importance.numel() > 0 and not bool(
+            (torch.isfinite(importance) & (importance >= 0)).all()):
+        raise ValueError("importance must be finite and >= 0 (it weights each element's "
+                         "squared error); it has a negative, NaN or inf entry")
+    return importance
 
 
 def levels(bits: int, signed: bool, narrow: bool) -> tuple[int, int, int]:

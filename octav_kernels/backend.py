@@ -119,10 +119,10 @@ def _lazy(backend: str, fn: str) -> Callable:
     return call
 
 
-def _cuda_refine(x, scale, bits, signed, dim, group_size, narrow):
+def _cuda_refine(x, scale, bits, signed, dim, group_size, narrow, importance):
     """refine_scale on the CUDA kernels: the shared search over their ``_candidate_sse``."""
     return drivers.refine_scale(torch.ops.octav._candidate_sse.default, x, scale, bits, signed,
-                                dim, group_size, narrow)
+                                dim, group_size, narrow, importance)
 
 
 def _register_python(lib: torch.library.Library, backend: str, key: str) -> None:

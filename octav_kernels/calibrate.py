@@ -53,15 +53,28 @@ def quantization_mse(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed:
     return _args.as_rows(err, g.dim, g.group_size).mean(1).reshape(g.scale_shape)
 
 
+def _importance_rows(importance, x, g):
+    """The importance per group row, float64, with the SPEC §2.1 fallback (None: none)."""
+    if importance is None:
+        return None
+    h = _args.as_rows(importance.expand(x.shape), g.dim, g.group_size).double()
+    return torch.where(h.sum(1, keepdim=True) > 0, h, torch.ones((), dtype=h.dtype,
+                                                                 device=h.device))
+
+
 def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                     group_size: int | None = None, narrow: bool = False, points: int = 100,
-                    max_elements: int = 1 << 25) -> torch.Tensor:
+                    max_elements: int = 1 << 25,
+                    importance: torch.Tensor | None = None) -> torch.Tensor:
     """Brute-force sweep: ``s = k/points * max|x|``, k = 1..points, with the lowest empirical
     MSE (SPEC §1 quantizer) per group. Candidates are evaluated batched (``[K, groups, len]``
-    tensors of at most ``max_elements``), not one Python call per point."""
+    tensors of at most ``max_elements``), not one Python call per point. With ``importance``
+    h (SPEC §2.1) the error is ``sum h (q - x)**2`` (a group whose importance sums to 0 is
+    weighted 1)."""
     _args.check_bits(bits)
     _args.check_narrow(narrow, signed)
     g, rows = _rows(x, dim, group_size)
+    weights = _importance_rows(_args.check_importance(importance, x), x, g)
     s_max = _args.positive_max(rows, signed).reshape(g.scale_shape)
     if rows.numel() == 0:
         return s_max
@@ -80,7 +93,8 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
         cand = fractions[start:start + per_batch, None] * s_max.reshape(1, -1)  # [K, groups]
         step = (cand / divisor(L)).unsqueeze(-1)
         q = reference.quantize_to_grid(rows, step, lo, hi)  # SPEC §1's quantizer
-        err = (q.double() - rows.double()).square().sum(-1)  # [K, groups]
+        err = (q.double() - rows.double()).square()
+        err = (err if weights is None else err * weights).sum(-1)  # [K, groups]
         k_err, k = err.min(0)
         better = k_err < best_err
         best_err = torch.where(better, k_err, best_err)
@@ -97,28 +111,36 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
 class Calibrator:
     """A rule mapping a tensor to a float32 clipping scale of the granularity's shape.
 
-    ``calibrator(x, bits, signed=..., dim=..., group_size=..., narrow=..., init=...)``. ``init``
-    is a previous scale that iterative rules may warm-start from (others ignore it).
+    ``calibrator(x, bits, signed=..., dim=..., group_size=..., narrow=..., init=...,
+    importance=...)``. ``init`` is a previous scale that iterative rules may warm-start from
+    (others ignore it). ``importance`` (SPEC §2.1, e.g. a layer's ``E[inp**2]`` per input
+    feature) weights each element's squared error in the rules that minimize one (OCTAV, its
+    refinement, the MSE sweep: ``uses_importance``); the others ignore it. A calibrator of
+    one's own receives ``importance`` only if it sets ``uses_importance = True``.
     ``propagates_nonfinite`` says whether NaN/inf in ``x`` always shows up in the scale, so
     that a caller can check the (small) scale instead of the whole tensor.
     """
 
     name = "calibrator"
     propagates_nonfinite = True
+    uses_importance = False
 
     def __call__(self, x: torch.Tensor, bits: int, *, signed: bool = True,
                  dim: int | None = None, group_size: int | None = None, narrow: bool = False,
-                 init: torch.Tensor | None = None) -> torch.Tensor:
+                 init: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def quantize(self, x: torch.Tensor, bits: int, *, signed: bool = True,
                  dim: int | None = None, group_size: int | None = None, narrow: bool = False,
-                 grad: str = "mad", init: torch.Tensor | None = None
+                 grad: str = "mad", init: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fake_quantize(x, s, ...), s)`` with this rule's scale ``s`` of ``x``: the training
         step of a dynamic quantizer. Rules with a fused op (OCTAV) override it."""
+        weighted = {} if importance is None else {"importance": importance}
         s = self(x.detach(), bits, signed=signed, dim=dim, group_size=group_size, narrow=narrow,
-                 init=init)
+                 init=init, **weighted)
         return fake_quantize(x, s, bits, signed=signed, dim=dim, group_size=group_size,
                              grad=grad, narrow=narrow), s
 
@@ -137,6 +159,7 @@ class OctavCalibrator(Calibrator):
     ``refine=True`` polished against the empirical MSE (``refine_scale``)."""
 
     name = "octav"
+    uses_importance = True
 
     def __init__(self, max_iters: int = _args.DEFAULT_MAX_ITERS,
                  rtol: float = _args.DEFAULT_RTOL, refine: bool = False):
@@ -145,18 +168,18 @@ class OctavCalibrator(Calibrator):
         self.refine = _args.check_bool(refine, "refine")
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         return octav_scale(x, bits, signed=signed, dim=dim, group_size=group_size, init=init,
                            max_iters=self.max_iters, rtol=self.rtol, narrow=narrow,
-                           refine=self.refine)
+                           refine=self.refine, importance=importance)
 
     def quantize(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 grad="mad", init=None):
+                 grad="mad", init=None, importance=None):
         if not self.is_default:
             return super().quantize(x, bits, signed=signed, dim=dim, group_size=group_size,
-                                    narrow=narrow, grad=grad, init=init)
+                                    narrow=narrow, grad=grad, init=init, importance=importance)
         return octav_fake_quantize(x, bits, signed=signed, dim=dim, group_size=group_size,
-                                   grad=grad, init=init, narrow=narrow)
+                                   grad=grad, init=init, narrow=narrow, importance=importance)
 
     def across(self, group) -> Calibrator:
         if self.refine:
@@ -181,7 +204,7 @@ class MaxCalibrator(Calibrator):
     name = "max"
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         _args.check_bits(bits)
         return max_scale(x, signed=signed, dim=dim, group_size=group_size)
 
@@ -192,14 +215,17 @@ class MaxCalibrator(Calibrator):
 class _OctavAcrossRanks(Calibrator):
     """OCTAV over the data of every rank (``distributed.octav_scale``); no ``group_size``."""
 
+    uses_importance = True
+
     def __init__(self, octav: OctavCalibrator, group):
         self.octav, self.group = octav, group
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         return distributed.octav_scale(x, bits, signed=signed, dim=dim, group_size=group_size,
                                        init=init, max_iters=self.octav.max_iters,
-                                       rtol=self.octav.rtol, narrow=narrow, group=self.group)
+                                       rtol=self.octav.rtol, narrow=narrow, group=self.group,
+                                       importance=importance)
 
     def __repr__(self) -> str:
         return f"{self.octav!r} across ranks"
@@ -212,7 +238,7 @@ class _MaxAcrossRanks(Calibrator):
         self.group = group
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         return distributed.max_scale(x, signed=signed, dim=dim, group=self.group)
 
     def __repr__(self) -> str:
@@ -234,7 +260,7 @@ class PercentileCalibrator(Calibrator):
         self.percentile = float(percentile)
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         _args.check_bits(bits)
         return percentile_scale(x, self.percentile, signed=signed, dim=dim,
                                 group_size=group_size)
@@ -247,6 +273,7 @@ class MSESweepCalibrator(Calibrator):
     """The ``points``-point empirical-MSE sweep (``mse_sweep_scale``), batched on x's device."""
 
     name = "mse"
+    uses_importance = True
 
     def __init__(self, points: int = 100):
         _args.check_int(points, "points")
@@ -255,9 +282,9 @@ class MSESweepCalibrator(Calibrator):
         self.points = points
 
     def __call__(self, x, bits, *, signed=True, dim=None, group_size=None, narrow=False,
-                 init=None):
+                 init=None, importance=None):
         return mse_sweep_scale(x, bits, signed=signed, dim=dim, group_size=group_size,
-                               narrow=narrow, points=self.points)
+                               narrow=narrow, points=self.points, importance=importance)
 
     def __repr__(self) -> str:
         return f"MSESweepCalibrator(points={self.points})"

@@ -39,11 +39,16 @@ def _check_group(group):
 def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                 group_size: int | None = None, init: torch.Tensor | None = None,
                 max_iters: int = _args.DEFAULT_MAX_ITERS, rtol: float = _args.DEFAULT_RTOL,
-                narrow: bool = False, group=None,
+                narrow: bool = False, group=None, importance: torch.Tensor | None = None,
                 return_all_reduces: bool = False):
     """``octav_kernels.octav_scale`` of the data of all ranks of ``group`` (default: the world),
     float32, identical on every rank. ``return_all_reduces=True`` also returns the number of
-    collectives the call made (the same on every rank)."""
+    collectives the call made (the same on every rank).
+
+    ``importance`` (each rank's, broadcastable to its ``x``) weights the sums as in
+    ``octav_scale`` (SPEC §2.1); the fallback for groups whose importance sums to 0 is decided
+    on the totals of all ranks (one more all-reduce), and the cold start is the plain one (no
+    histogram)."""
     if group_size is not None:
         raise ValueError("group_size: blocks along the last dim are rows of the local data, "
                          "not groups shared across ranks; use octav_kernels.octav_scale per "
@@ -55,33 +60,40 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     g = _args.groups(x, dim, None)
     if init is not None:
         init = _args.check_scale(init, x, g, "init")
+    importance = _args.check_importance(importance, x)
     group = _check_group(group)
     c = _args.octav_constant(bits, signed, narrow)
     calls = 0
     a_max = None
+    if importance is not None:
+        importance = _global_fallback(importance, x, g, group)
+        calls += 1
 
     def global_max():
         nonlocal calls, a_max
         if a_max is None:
-            a_max = max_scale(x, signed=signed, dim=g.dim, group=group).double().reshape(-1)
+            a_max = (max_scale(x, signed=signed, dim=g.dim, group=group) if importance is None
+                     else _weighted_max(x, importance, signed, g, group)).double().reshape(-1)
             calls += 1
         return a_max
 
     def step(s):
         nonlocal calls
         s_out, n_in, n_out = ops.masked_sums(x, s.float().reshape(g.scale_shape), signed=signed,
-                                             dim=g.dim)
+                                             dim=g.dim, importance=importance)
         packed = torch.stack([s_out.double().reshape(-1), n_in.double().reshape(-1),
                               n_out.double().reshape(-1)])
         dist.all_reduce(packed, group=group)
         calls += 1
         s_out, n_in, n_out = packed
         nxt = s_out / (c * n_in + n_out)
-        if bool((n_out == 0).any()):  # the same decision on every rank: the totals are shared
-            nxt = torch.where(n_out == 0, global_max(), nxt)
+        top = n_out == 0 if importance is None else (n_out == 0) & (s_out == 0)
+        if bool(top.any()):  # the same decision on every rank: the totals are shared
+            nxt = torch.where(top, global_max(), nxt)
         return nxt.float().double()
 
-    if init is None and g.n_groups == 1 and max_iters >= 16 and rtol <= _args.DEFAULT_RTOL:
+    if (init is None and importance is None and g.n_groups == 1 and max_iters >= 16
+            and rtol <= _args.DEFAULT_RTOL):
         start = _histogram_start(x, signed, c, group)
         calls += 1
         if start is not None:
@@ -89,6 +101,34 @@ def octav_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | N
     s = drivers.fixed_point(step, g.n_groups, init, max_iters, rtol, x.device)
     s = s.float().reshape(g.scale_shape)
     return (s, calls) if return_all_reduces else s
+
+
+def _global_fallback(importance, x, g, group):
+    """``importance`` with the SPEC §2.1 fallback decided on all ranks' totals: a group whose
+    importance sums to 0 over every rank is weighted 1 (one all-reduce)."""
+    rows = _args.as_rows(importance.expand(x.shape), g.dim, None)
+    totals = rows.double().sum(1)
+    dist.all_reduce(totals, group=group)
+    uninformed = totals == 0
+    if not bool(uninformed.any()):
+        return importance
+    ones = torch.ones((), dtype=torch.float32, device=x.device)
+    weights = torch.where(uninformed.unsqueeze(1), ones, rows)
+    if g.dim is None:
+        return weights.reshape(x.shape)
+    return weights.reshape(x.movedim(g.dim, 0).shape).movedim(0, g.dim)
+
+
+def _weighted_max(x, importance, signed, g, group):
+    """The largest magnitude of positive importance per group over all ranks (one max-reduce)."""
+    a = _args.as_rows(x, g.dim, None).float()
+    a = a.abs() if signed else torch.where(torch.isinf(a), torch.inf, a)
+    h = _args.as_rows(importance.expand(x.shape), g.dim, None)
+    local = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    if a.shape[1] > 0:
+        local = torch.where((h > 0) & (a > 0), a, local.unsqueeze(1)).amax(1)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    return local
 
 
 _KEY_SHIFT = 16  # float32 bits >> 16: 8 exponent and 7 mantissa bits, bins < 0.8% wide

@@ -94,15 +94,19 @@ def refine_search(sse: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tens
 
 
 def refine_scale(candidate_sse: Callable, x, scale, bits, signed=True, dim=None,
-                 group_size=None, narrow=False) -> torch.Tensor:
+                 group_size=None, narrow=False, importance=None) -> torch.Tensor:
     """``refine_scale`` (the op's arguments, checked) by ``refine_search`` over the passes of a
     backend's ``candidate_sse`` (the op's signature). A per-channel tensor whose channels are not
-    contiguous runs is transposed once, so the passes do not each make that copy."""
+    contiguous runs is transposed once (with its importance), so the passes do not each make
+    that copy."""
     g = groups(x, dim, group_size)
     if transposed_for_kernels(g):
+        if importance is not None:
+            importance = importance.expand(x.shape).movedim(g.dim, 0).contiguous()
         x, dim = x.movedim(g.dim, 0).contiguous(), 0
+
     def sse(cand):
-        return candidate_sse(x, cand, bits, signed, dim, group_size, narrow)
+        return candidate_sse(x, cand, bits, signed, dim, group_size, narrow, importance)
 
     a_max = positive_max(as_rows(x, dim, group_size), signed)
     return refine_search(sse, scale, a_max).reshape(scale.shape)

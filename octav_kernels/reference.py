@@ -55,29 +55,54 @@ def magnitudes(x: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.where(torch.isinf(a), torch.inf, a)
 
 
-def _row_sums(a: torch.Tensor, s: torch.Tensor):
+def _row_sums(a: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None = None):
     """``(S_out, n_in, n_out)`` per row of ``a`` against the per-row threshold ``s`` (float64).
 
-    in = {0 < a <= s}, out = {a > s} plus NaN entries (so NaN reaches S_out)."""
+    in = {0 < a <= s}, out = {a > s} plus NaN entries (so NaN reaches S_out). With importance
+    rows ``h`` (float64): ``(sum h a 1{out}, sum h 1{in}, sum h 1{out})``, each term ``h * a``
+    (so a NaN or inf entry of importance 0 gives NaN)."""
     s = s.unsqueeze(1)
     out = (a > s) | torch.isnan(a)
     inside = (a > 0) & (a <= s)
-    s_out = torch.where(out, a, torch.zeros((), dtype=a.dtype)).sum(1)
-    return s_out, inside.sum(1, dtype=torch.int64), out.sum(1, dtype=torch.int64)
+    zero = torch.zeros((), dtype=a.dtype)
+    if h is None:
+        s_out = torch.where(out, a, zero).sum(1)
+        return s_out, inside.sum(1, dtype=torch.int64), out.sum(1, dtype=torch.int64)
+    return (torch.where(out, h * a, zero).sum(1), torch.where(inside, h, zero).sum(1),
+            torch.where(out, h, zero).sum(1))
 
 
-def masked_sums(x, scale, signed=True, dim=None, group_size=None):
+def importance_rows(importance, x, dim, group_size, fallback=True):
+    """The importance as OCTAV weights a group's elements (SPEC §2.1): ``importance`` broadcast
+    to x's shape, one group per row, float64; None without importance. With ``fallback``, a
+    group whose importance sums to 0 is weighted 1 everywhere (solved as without importance,
+    rather than given an arbitrary scale)."""
+    if importance is None:
+        return None
+    h = as_rows(importance.expand(x.shape), dim, group_size).double()
+    if not fallback:
+        return h
+    return torch.where(h.sum(1, keepdim=True) > 0, h, torch.ones((), dtype=h.dtype))
+
+
+def masked_sums(x, scale, signed=True, dim=None, group_size=None, importance=None):
     """One pass of the OCTAV statistics per group at the given scale (SPEC §2):
     ``S_out = sum(a * 1{a > s})``, ``n_in = #{0 < a <= s}``, ``n_out = #{a > s}`` with
-    ``a = |x|`` (signed) or ``x`` (unsigned)."""
-    a = magnitudes(as_rows(x, dim, group_size), signed)
-    s_out, n_in, n_out = _row_sums(a, scale.double().reshape(-1))
+    ``a = |x|`` (signed) or ``x`` (unsigned). With ``importance`` h (SPEC §2.1), the weighted
+    sums ``(sum h a 1{a > s}, sum h 1{0 < a <= s}, sum h 1{a > s})``, all three float32 (no
+    fallback: these are statistics, summed over ranks by distributed OCTAV)."""
+    rows = as_rows(x, dim, group_size)
+    a = magnitudes(rows, signed)
+    h = importance_rows(importance, x, dim, group_size, fallback=False)
+    s_out, n_in, n_out = _row_sums(a, scale.double().reshape(-1), h)
     shape = scale.shape
+    if h is not None:
+        n_in, n_out = n_in.float(), n_out.float()
     return s_out.float().reshape(shape), n_in.reshape(shape), n_out.reshape(shape)
 
 
 def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None,
-                max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False, *,
+                max_iters=DEFAULT_MAX_ITERS, rtol=DEFAULT_RTOL, narrow=False, importance=None, *,
                 return_iterations=False):
     """MSE-optimal clipping scale by the OCTAV fixed point, per group (SPEC §2)::
 
@@ -90,16 +115,23 @@ def octav_scale(x, bits, signed=True, dim=None, group_size=None, init=None,
     rounded to float32, as the kernels keep it. ``return_iterations=True`` also returns the
     number of steps each group took after its start (int64, the scale's shape): the passes
     over the data a warm start saves.
+
+    With ``importance`` h (SPEC §2.1) the sums are weighted (``importance_rows``: a group with
+    no informative entry is weighted 1), and ``max(a)`` is the largest a of positive h, taken
+    where no weight lies above s and S_out is 0 (a NaN S_out stays NaN).
     """
     a = magnitudes(as_rows(x, dim, group_size), signed)
+    h = importance_rows(importance, x, dim, group_size)
     c = octav_constant(bits, signed, narrow)
     a_max = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
     if a.shape[1] > 0:
-        a_max = torch.where(a > 0, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
+        counted = a > 0 if h is None else (a > 0) & (h > 0)
+        a_max = torch.where(counted, a, a_max.unsqueeze(1)).amax(1)  # max of the positive a
 
     def step(s):
-        s_out, n_in, n_out = _row_sums(a, s)
-        nxt = torch.where(n_out == 0, a_max, s_out / (c * n_in.double() + n_out.double()))
+        s_out, n_in, n_out = _row_sums(a, s, h)
+        top = n_out == 0 if h is None else (n_out == 0) & (s_out == 0)
+        nxt = torch.where(top, a_max, s_out / (c * n_in.double() + n_out.double()))
         return nxt.float().double()
 
     n = a.shape[0]
@@ -137,21 +169,25 @@ def max_magnitude(x, signed=True, dim=None, group_size=None):
     return positive_max(as_rows(x, dim, group_size), signed)
 
 
-def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+def candidate_sse(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False,
+                  importance=None):
     """Empirical squared error of the SPEC §1 quantizer per group and candidate scale:
     ``sse[g, k] = sum_i (q(x_i; cand[g, k]) - x_i)**2`` over group g, float64 ``[n_groups, K]``.
 
     ``q`` is the float32 quantizer of ``fake_quantize`` (before any cast to x's dtype); every
     difference ``q - x`` and its square are taken in float64, so each term is the same on every
-    backend and only the order of the float64 sum differs."""
+    backend and only the order of the float64 sum differs. With ``importance`` h, each term is
+    ``h_i * (q - x_i)**2`` (``importance_rows``, with its fallback; h in float64)."""
     L, lo, hi = levels(bits, signed, narrow)
     rows = as_rows(x, dim, group_size).float()
     exact = rows.double()
+    h = importance_rows(importance, x, dim, group_size)
     divisor = torch.tensor(L, dtype=torch.float32, device=x.device)
     out = torch.empty(cand.shape, dtype=torch.float64, device=x.device)
     for k in range(cand.shape[1]):
         q = quantize_to_grid(rows, cand[:, k:k + 1].float() / divisor, lo, hi)
-        out[:, k] = (q.double() - exact).square().sum(1)
+        sq = (q.double() - exact).square()
+        out[:, k] = (sq if h is None else h * sq).sum(1)
     return out
 
 
@@ -187,7 +223,8 @@ def _refine_group(row, s0, m, sse):
     return best
 
 
-def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                 importance=None):
     """``scale`` polished against the empirical MSE of SPEC §1, per group, float32.
 
     Per group, from the start ``s0`` (the OCTAV scale; ``m = max a`` where it is not a positive
@@ -209,15 +246,18 @@ def refine_scale(x, scale, bits, signed=True, dim=None, group_size=None, narrow=
     positive return 0.
     """
     rows = as_rows(x, dim, group_size)
+    h = importance_rows(importance, x, dim, group_size)
     starts = scale.double().reshape(-1).tolist()
     tops = max_magnitude(x, signed, dim, group_size).double().tolist()
     refined = []
     for g, (s0, m) in enumerate(zip(starts, tops)):
         row = rows[g:g + 1]
+        weight = None if h is None else h[g:g + 1].float()  # exact: h is float32 data
 
-        def sse(cand, row=row):
+        def sse(cand, row=row, weight=weight):
             c = torch.tensor([cand], dtype=torch.float32, device=x.device)
-            return candidate_sse(row, c, bits, signed, None, row.shape[1], narrow)[0].tolist()
+            return candidate_sse(row, c, bits, signed, None, row.shape[1], narrow,
+                                 weight)[0].tolist()
 
         refined.append(_refine_group(row, s0, m, sse))
     return torch.tensor(refined, dtype=torch.float64, device=x.device).float().reshape(
@@ -369,16 +409,18 @@ def fake_quantize_packed(x, scale, bits, signed=True, dim=None, group_size=None,
 
 
 def octav_fake_quantize(x, bits, signed=True, dim=None, group_size=None, grad="mad", init=None,
-                        narrow=False):
+                        narrow=False, importance=None):
     """``(fake_quantize(x, s), s)`` with ``s = octav_scale(x, ...)`` (default iteration)."""
-    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
+    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow,
+                        importance=importance)
     return fake_quantize(x, scale, bits, signed, dim, group_size, grad, narrow), scale
 
 
 def octav_fake_quantize_packed(x, bits, signed=True, dim=None, group_size=None, init=None,
-                               narrow=False):
+                               narrow=False, importance=None):
     """``(y, s, mask)``: ``octav_fake_quantize`` with the PWL mask of ``fake_quantize_packed``."""
-    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow)
+    scale = octav_scale(x, bits, signed, dim, group_size, init=init, narrow=narrow,
+                        importance=importance)
     y, mask = fake_quantize_packed(x, scale, bits, signed, dim, group_size, narrow)
     return y, scale, mask
 

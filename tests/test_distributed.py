@@ -23,6 +23,16 @@ def global_data():
             "act": make_data((N, 7), seed=3), "large": make_data((20 * N,), seed=4)}
 
 
+def feature_importance():
+    """A [7] importance of the activation's features, the fourth 0."""
+    return torch.tensor([0.5, 2.0, 1.0, 0.0, 3.0, 0.25, 1.5])
+
+
+def element_importance():
+    """A per-element importance of the flat data."""
+    return torch.linspace(0.0, 2.0, N) ** 2
+
+
 def shard_bounds(world: int, rank: int, n: int = N) -> tuple[int, int]:
     """Uneven shards of n rows; with 3 ranks the middle one is empty."""
     cuts = {2: [0, n // 3, n], 3: [0, 2 * n // 3, 2 * n // 3, n]}[world]
@@ -42,6 +52,14 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                                            return_all_reduces=True)
     warm = ok.octav_scale(full["flat"], 4)
     r["warm"] = distributed.octav_scale(data["flat"], 4, init=warm, return_all_reduces=True)
+    # Importance-weighted: a per-feature importance (one feature of importance 0: the fallback)
+    # and a per-element one, sliced with the data.
+    r["weighted_channel"] = distributed.octav_scale(data["act"], 4, dim=1,
+                                                    importance=feature_importance(),
+                                                    return_all_reduces=True)
+    r["weighted_flat"] = distributed.octav_scale(data["flat"], 4,
+                                                 importance=element_importance()[lo:hi],
+                                                 return_all_reduces=True)
     lo, hi = shard_bounds(world, rank, 20 * N)
     r["large"] = distributed.octav_scale(full["large"][lo:hi], 4, return_all_reduces=True)
     r["max"] = distributed.max_scale(data["act"], dim=1)
@@ -101,7 +119,11 @@ def test_scales_match_single_process_and_are_identical_on_every_rank(ranks):
                 "channel": ok.octav_scale(full["act"], 4, dim=1),
                 "narrow8": ok.octav_scale(full["flat"], 8, narrow=True),
                 "warm": ok.octav_scale(full["flat"], 4),
-                "large": ok.octav_scale(full["large"], 4)}
+                "large": ok.octav_scale(full["large"], 4),
+                "weighted_channel": ok.octav_scale(full["act"], 4, dim=1,
+                                                   importance=feature_importance()),
+                "weighted_flat": ok.octav_scale(full["flat"], 4,
+                                                importance=element_importance())}
     for key, want in expected.items():
         got, calls = ranks[0][key]
         assert_scale_close(got, want, torch.float32)

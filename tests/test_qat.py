@@ -686,3 +686,111 @@ def test_qat_demo_quick_run():
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| (d) OCTAV + MPH |" in out.stdout and "| (f) MSE-sweep PTQ |" in out.stdout
+
+
+# ------------------------------------------------------- input importance (SPEC §2.1, §9)
+
+
+def test_importance_is_an_ema_in_training_and_weights_the_weight_scale():
+    torch.manual_seed(3)
+    layer = ok.QuantLinear(12, 5, weight_importance="input", importance_momentum=0.25,
+                           quantize_input=False).train()
+    xs = [torch.randn(7, 3, 12) * torch.linspace(0.1, 4.0, 12) for _ in range(3)]
+    h = None
+    for x in xs:
+        y = layer(x)
+        batch = x.double().square().mean((0, 1))
+        h = batch if h is None else 0.75 * h + 0.25 * batch
+        # The weight's scale is weighted OCTAV with the importance kept after this batch.
+        want = reference_scale(layer.weight.detach(), 4, dim=0,
+                               importance=layer.input_importance)
+        torch.testing.assert_close(layer.weight_quantizer.scale, want,
+                                   rtol=SCALE_RTOL[torch.float32], atol=0.0)
+        wq = ok.fake_quantize(layer.weight.detach(), layer.weight_quantizer.scale, 4, dim=0)
+        torch.testing.assert_close(y, nn.functional.linear(x, wq, layer.bias))
+    torch.testing.assert_close(layer.input_importance, h.float(), rtol=1e-5, atol=0.0)
+    assert int(layer.importance_batches) == 3
+    # Not a copy of the unweighted rule: the importance is far from uniform.
+    assert not torch.equal(layer.weight_quantizer.scale,
+                           ok.octav_scale(layer.weight.detach(), 4, dim=0))
+    layer.eval()
+    layer(xs[0])
+    assert int(layer.importance_batches) == 3  # eval keeps it
+
+
+def test_importance_is_the_mean_in_calibration_and_round_trips_state_dict():
+    torch.manual_seed(4)
+    model = ok.quantize_model(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)),
+                              weight_importance="input", mode="static",
+                              calibrator="octav:refine", first_last_bits=None)
+    model[0].input_importance.fill_(7.0)  # as if trained: calibration replaces what it kept
+    model[0].importance_batches.fill_(5)
+    batches = [torch.randn(5, 8) * (i + 1) for i in range(3)]
+    ok.calibrate_model(model, batches)
+    want = torch.stack([b.square().mean(0) for b in batches]).mean(0)
+    torch.testing.assert_close(model[0].input_importance, want, rtol=1e-5, atol=0.0)
+    # Static weights: refined weighted OCTAV with the calibration's mean importance.
+    w = model[0].weight.detach()
+    with ok.use_backend("reference"):
+        start = ok.octav_scale(w, 4, dim=0, importance=model[0].input_importance)
+        refined = ok.refine_scale(w, start, 4, dim=0, importance=model[0].input_importance)
+    torch.testing.assert_close(model[0].weight_quantizer.scale, refined, rtol=1e-5, atol=0.0)
+    state = model.state_dict()
+    assert {"0.input_importance", "0.importance_batches", "2.input_importance"} <= set(state)
+    fresh = ok.quantize_model(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)),
+                              weight_importance="input", mode="static",
+                              calibrator="octav:refine", first_last_bits=None)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh[0].input_importance, model[0].input_importance)
+    x = torch.randn(2, 8)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    converted = ok.convert_model(model)
+    assert not any("importance" in k for k in converted.state_dict())
+    assert torch.equal(converted(x), model(x))
+
+
+def test_learned_scales_start_from_weighted_octav():
+    torch.manual_seed(5)
+    layer = ok.QuantLinear(16, 4, weight_importance="input", mode="learned",
+                           quantize_input=False).train()
+    x = torch.randn(9, 16) * torch.linspace(0.05, 3.0, 16)
+    layer(x)
+    want = reference_scale(layer.weight.detach(), 4, dim=0, importance=layer.input_importance)
+    torch.testing.assert_close(layer.weight_quantizer.scale.detach(), want,
+                               rtol=SCALE_RTOL[torch.float32], atol=0.0)
+
+
+@pytest.mark.parametrize("groups,granularity", [(1, "channel"), (2, "channel"), (1, 9),
+                                                (2, 9)])
+def test_conv_importance_per_input_channel(groups, granularity):
+    """A convolution's importance is per input channel, broadcast over the kernel positions
+    (and, with groups, over the output channels of each group)."""
+    torch.manual_seed(6)
+    conv = ok.QuantConv2d(4, 6, 3, groups=groups, weight_importance="input",
+                          weight_granularity=granularity, quantize_input=False).train()
+    x = torch.randn(2, 4, 7, 7) * torch.tensor([0.1, 1.0, 2.0, 4.0]).view(1, 4, 1, 1)
+    conv(x)
+    h = x.square().mean((0, 2, 3))
+    torch.testing.assert_close(conv.input_importance, h, rtol=1e-5, atol=0.0)
+    w = conv.weight.detach()
+    per_group = 4 // groups
+    full = torch.stack([h[(o // (6 // groups)) * per_group:][:per_group] for o in range(6)])
+    full = full.view(6, per_group, 1, 1).expand_as(w)
+    view = (w.reshape(6, -1), full.reshape(6, -1)) if granularity == 9 else (w, full)
+    gran = {"group_size": 9} if granularity == 9 else {"dim": 0}
+    want = reference_scale(view[0], 4, importance=view[1].contiguous(), **gran)
+    torch.testing.assert_close(conv.weight_quantizer.scale, want,
+                               rtol=SCALE_RTOL[torch.float32], atol=0.0)
+
+
+def test_importance_config_errors():
+    with pytest.raises(ValueError, match="weight_importance must be one of"):
+        ok.QuantConfig(weight_importance="output")
+    with pytest.raises(ValueError, match="importance_momentum"):
+        ok.QuantConfig(importance_momentum=0.0)
+    layer = ok.QuantLinear(4, 2, weight_importance="input").train()
+    with pytest.raises((ValueError, RuntimeError)):
+        layer(torch.randn(3, 5))
+    plain = ok.QuantLinear(4, 2)
+    assert not hasattr(plain, "input_importance")
+    assert plain.weight_importance() is None

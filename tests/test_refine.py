@@ -367,3 +367,77 @@ def test_main_job_reports_refined_octav(capsys):
     assert len(keys) == 3 * 2  # built-in tensors x bit widths
     for d, b in keys:
         assert by[(d, b, "octav+refine")] <= by[(d, b, "octav")]
+
+
+# ------------------------------------------------------------ importance (SPEC §2.1)
+#
+# Weighted terms h * (q - x)**2 are float64 products of the same exact squares with float32 h,
+# rounded once, on every backend: SSE_RTOL still bounds the difference of the sums.
+
+def weighted_sse(x, scale, bits, h, **gran):
+    g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))
+    return reference.candidate_sse(x, scale.reshape(-1, 1), bits, True, g.dim, g.group_size,
+                                   False, h).reshape(scale.shape)
+
+
+def feature_importance(shape, seed=60):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.rand(shape[-1], generator=gen) ** 2
+    return on_device(torch.where(h < 0.05, 0.0, h))
+
+
+@pytest.mark.parametrize("gran", [pytest.param({"dim": 0}, id="dim0"),
+                                  pytest.param({"dim": 1}, id="dim1"),
+                                  pytest.param({"group_size": 4}, id="group4"),
+                                  pytest.param({}, id="tensor")])
+@pytest.mark.parametrize("name,dtype", [p for p in BACKEND_DTYPES
+                                        if p.values[1] in (torch.float32, torch.bfloat16)])
+def test_refine_scale_importance_parity(name, dtype, gran):
+    x = make_data(MATRIX_SHAPE, dtype, seed=61)
+    h = feature_importance(MATRIX_SHAPE)
+    with use_backend("reference"):
+        scale = ok.octav_scale(x, 3, importance=h, **gran)
+        expected = ok.refine_scale(x, scale, 3, importance=h, **gran)
+    with use_backend(name):
+        got = ok.refine_scale(x, scale, 3, importance=h, **gran)
+        g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))
+        cand = torch.stack([scale.reshape(-1) * f for f in (0.5, 0.8, 1.0, 1.3)], 1)
+        sse_got = torch.ops.octav._candidate_sse(x, cand, 3, True, g.dim, g.group_size,
+                                                 False, h)
+    torch.testing.assert_close(sse_got, reference.candidate_sse(x, cand, 3, True, g.dim,
+                                                                g.group_size, False, h),
+                               rtol=SSE_RTOL, atol=0.0)
+    differ = got != expected
+    if bool(differ.any()):  # only a tie within SSE_RTOL may differ
+        torch.testing.assert_close(weighted_sse(x, got, 3, h, **gran)[differ],
+                                   weighted_sse(x, expected, 3, h, **gran)[differ],
+                                   rtol=SSE_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weighted_refine_never_worse_than_its_start_or_max(bits):
+    """In the weighted error it minimizes: never above the weighted OCTAV start or max
+    scaling, and below the unweighted refinement's scale on data whose importance sits on the
+    large entries."""
+    x = laplace((16, 512), seed=bits)
+    h = (torch.arange(512) % 7 == 0).float() * 4.0 + 0.1  # a few important input features
+    start = ok.octav_scale(x, bits, dim=0, importance=h)
+    refined = ok.refine_scale(x, start, bits, dim=0, importance=h)
+    err = weighted_sse(x, refined, bits, h, dim=0)
+    assert bool((err <= weighted_sse(x, start, bits, h, dim=0)).all())
+    assert bool((err <= weighted_sse(x, ok.max_scale(x, dim=0), bits, h, dim=0)).all())
+    plain = ok.octav_scale(x, bits, dim=0, refine=True)
+    assert float(err.sum()) < float(weighted_sse(x, plain, bits, h, dim=0).sum())
+
+
+def test_weighted_mse_sweep_is_the_weighted_argmin():
+    """mse_sweep_scale with importance: the candidate k/points * max|x| of least weighted
+    error, checked by a loop over the candidates."""
+    x = laplace((4, 64), seed=3)
+    h = feature_importance((4, 64))
+    got = ok.mse_sweep_scale(x, 3, dim=0, points=40, importance=h)
+    top = ok.max_scale(x, dim=0)
+    errs = torch.stack([weighted_sse(x, top * (k / 40), 3, h, dim=0) for k in range(1, 41)])
+    want = top * ((errs.argmin(0) + 1).float() / 40)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    assert not torch.equal(got, ok.mse_sweep_scale(x, 3, dim=0, points=40))

@@ -27,6 +27,8 @@ def sample_inputs():
     frozen = torch.rand((6, 10), generator=torch.Generator().manual_seed(38)) < 0.3
     state = ok.OscillationState.start(x, s_c, 3, dim=0)
     state.frozen.copy_(frozen.to(state.frozen.device))
+    h_feature = torch.linspace(0.0, 2.0, 10)
+    h_u = torch.rand((4, 3, 8), generator=torch.Generator().manual_seed(39))
     return [
         (o.octav_scale.default, (x.detach(), 4), {}),
         (o.octav_scale.default, (x.detach(), 3), {"dim": 0, "init": s_c, "rtol": 0.0}),
@@ -58,6 +60,16 @@ def sample_inputs():
         (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0}),
         (o.refine_scale.default, (xu.detach(), s_g, 4), {"signed": False, "group_size": 4}),
         (o.refine_scale.default, (x.detach(), s_c.amax(), 4), {"narrow": True}),
+        # importance (SPEC §2.1): per feature, per element, per block position
+        (o.octav_scale.default, (x.detach(), 4), {"dim": 0, "importance": h_feature}),
+        (o.octav_scale.default, (xu.detach(), 3), {"signed": False, "group_size": 4,
+                                                   "importance": h_u}),
+        (o.masked_sums.default, (x.detach(), s_c), {"dim": 0, "importance": h_feature}),
+        (o.octav_fake_quantize.default, (x, 4), {"dim": 0, "grad": "mad",
+                                                 "importance": h_feature}),
+        (o.octav_fake_quantize.default, (xu, 3), {"signed": False, "grad": "pwl",
+                                                  "importance": h_u}),
+        (o.refine_scale.default, (x.detach(), s_c, 3), {"dim": 0, "importance": h_feature}),
     ]
 
 
@@ -84,7 +96,9 @@ def test_torch_compile_fullgraph_matches_eager(device):
         aq = ok.fake_quantize(a, scale_a, 8, signed=False, grad="pwl")
         sums = ok.masked_sums(a, scale_a, signed=False)
         refined = ok.octav_scale(a, 3, signed=False, refine=True)
-        return (wq, sw, aq) + sums + (refined,)
+        h = a.square().mean(0)  # importance of w's input features
+        wq_h, sw_h = ok.octav_fake_quantize(w, 4, dim=0, grad="mad", importance=h)
+        return (wq + wq_h, sw, aq) + sums + (refined, sw_h)
 
     w = make_data((16, 32), seed=34)
     a = make_data((8, 32), seed=35, signed=False)

@@ -10,12 +10,17 @@
 
 namespace octav::cpu {
 
+// Group c's row of an importance table (args.h importance_layout: [P, len], row c % P).
+inline const float* importance_row(const at::Tensor& h, int64_t c, int64_t len) {
+  return h.data_ptr<float>() + (c % h.size(0)) * len;
+}
+
 struct Kernels {
   OCTAV_KERNELS_INTERFACE
   static constexpr bool kFusedOctav = false;  // (the scale, then the fake-quant with it)
   // The whole refinement search, in C++ on the CPU.
   static at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
-                                 const Levels& lv, bool is_signed);
+                                 const Levels& lv, bool is_signed, const at::Tensor& h);
 };
 
 }  // namespace octav::cpu

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -79,10 +80,16 @@ struct GroupView {
   // fn(ptr, n) over the contiguous runs that make up elements [begin, end) of the group.
   template <typename F>
   void runs(int64_t begin, int64_t end, const F& fn) const {
+    runs_at(begin, end, [&](const T* p, int64_t n, int64_t) { fn(p, n); });
+  }
+
+  // fn(ptr, n, j): the same runs with the index j of their first element in the group.
+  template <typename F>
+  void runs_at(int64_t begin, int64_t end, const F& fn) const {
     for (int64_t j = begin; j < end;) {
       const int64_t o = j / inner, i = j % inner;
       const int64_t n = std::min(inner - i, end - j);
-      fn(x + (o * n_groups + c) * inner + i, n);
+      fn(x + (o * n_groups + c) * inner + i, n, j);
       j += n;
     }
   }
@@ -147,6 +154,98 @@ Sums group_sums(const GroupView<T>& g, float s) {
     });
     return r;
   });
+}
+
+// The importance-weighted statistics of one pass (SPEC §2.1): sum h a 1{out}, sum h 1{in},
+// sum h 1{out}.
+struct WeightedSums {
+  double s_out = 0.0, w_in = 0.0, w_out = 0.0;
+
+  void add(const WeightedSums& o) {
+    s_out += o.s_out;
+    w_in += o.w_in;
+    w_out += o.w_out;
+  }
+};
+
+// One weighted block, partial sums in C (float for float32 and narrower inputs, as group_sums).
+// The term h a of an element out is formed as (out ? h : 0) * a, which GCC vectorizes (4x
+// faster than out ? h * a : 0); for a finite threshold it is the same (an entry that is not out
+// is finite, and h is finite). An infinite threshold takes the selected product.
+template <typename C, typename T, bool Signed>
+inline WeightedSums weighted_block(const T* __restrict p, const float* __restrict h, int64_t n,
+                                   C sc) {
+  C s_out = 0, w_in = 0, w_out = 0;
+  if (std::isinf(sc)) {
+    for (int64_t k = 0; k < n; ++k) {
+      const C a = magnitude<Signed>(static_cast<C>(p[k]));
+      const C w = static_cast<C>(h[k]);
+      const bool out = (a > sc) | (a != a);
+      s_out += out ? w * a : C(0);
+      w_out += out ? w : C(0);
+      w_in += (a > C(0)) & (a <= sc) ? w : C(0);
+    }
+  } else {
+#pragma omp simd reduction(+ : s_out, w_in, w_out)
+    for (int64_t k = 0; k < n; ++k) {
+      const C a = magnitude<Signed>(static_cast<C>(p[k]));
+      const C w = static_cast<C>(h[k]);
+      const bool out = (a > sc) | (a != a);
+      const C w_if_out = out ? w : C(0);
+      s_out += w_if_out * a;  // NaN, or inf of importance 0, reach S_out
+      w_out += w_if_out;
+      w_in += (a > C(0)) & (a <= sc) ? w : C(0);
+    }
+  }
+  return {static_cast<double>(s_out), static_cast<double>(w_in), static_cast<double>(w_out)};
+}
+
+// One weighted pass at threshold s; h is the group's row of the importance table (element j's
+// weight at h[j]). A block whose float sums overflow (or are NaN) is added again in double,
+// which keeps only the NaN / inf that are real.
+template <typename T, bool Signed>
+WeightedSums weighted_sums(const GroupView<T>& g, const float* h, float s) {
+  using C = at::opmath_type<T>;
+  return reduce_chunks<WeightedSums>(g.len, [&](int64_t begin, int64_t end) {
+    WeightedSums r;
+    g.runs_at(begin, end, [&](const T* p, int64_t n, int64_t j) {
+      const float* hp = h + j;
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t e = std::min(n, b + kBlock);
+        WeightedSums t = weighted_block<C, T, Signed>(p + b, hp + b, e - b, static_cast<C>(s));
+        if constexpr (!std::is_same_v<C, double>) {
+          if (!std::isfinite(t.s_out) || !std::isfinite(t.w_in) || !std::isfinite(t.w_out)) {
+            t = weighted_block<double, T, Signed>(p + b, hp + b, e - b, static_cast<double>(s));
+          }
+        }
+        r.add(t);
+      }
+    });
+    return r;
+  });
+}
+
+// The largest magnitude of positive importance in the group (0 if none; NaN entries are left to
+// S_out): the weighted rule's max a. One more pass, taken only when an iterate needs it.
+template <typename T, bool Signed>
+double weighted_max(const GroupView<T>& g, const float* h) {
+  double m = 0.0;
+  g.runs_at(0, g.len, [&](const T* p, int64_t n, int64_t j) {
+    for (int64_t k = 0; k < n; ++k) {
+      const double a = magnitude<Signed>(static_cast<double>(p[k]));
+      if (h[j + k] > 0.0f && a > m) m = a;
+    }
+  });
+  return m;
+}
+
+// The weighted s_next: S_out / (c W_in + W_out), or the largest a of positive importance when
+// no weight lies above s and S_out is 0 (a NaN S_out stays NaN); rounded to float.
+template <typename T, bool Signed>
+float next_weighted(const WeightedSums& t, const GroupView<T>& g, const float* h,
+                    double octav_const) {
+  if (t.w_out == 0.0 && t.s_out == 0.0) return static_cast<float>(weighted_max<T, Signed>(g, h));
+  return static_cast<float>(t.s_out / (octav_const * t.w_in + t.w_out));
 }
 
 // s_next = S_out / (c * n_in + n_out), or max a when nothing lies above s; rounded to float.
@@ -399,6 +498,22 @@ float octav_group(const GroupView<T>& g, const float* init, double octav_const,
                                   octav_const, rtol);
 }
 
+// The weighted fixed point of one group: plain passes (the bracketed solver's histogram and
+// bracket are unweighted), from init > 0 or one step from s = 0.
+template <typename T, bool Signed>
+float octav_group_weighted(const GroupView<T>& g, const float* h, const float* init,
+                           double octav_const, int64_t max_iters, double rtol) {
+  auto next = [&](float at) {
+    return next_weighted<T, Signed>(weighted_sums<T, Signed>(g, h, at), g, h, octav_const);
+  };
+  float s = init != nullptr && init[g.c] > 0.0f ? init[g.c] : next(0.0f);
+  float prev = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t it = 0; it < max_iters; ++it) {
+    if (finished(next(s), s, prev, rtol)) break;
+  }
+  return s;
+}
+
 // Runs fn(c) for every group. Many groups: whole groups per thread (each group stays in cache
 // for all its passes). Few groups: one after another, each pass split across threads.
 template <typename F>
@@ -417,12 +532,32 @@ void for_each_group(int64_t n_groups, const F& fn) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Tensor& x,
                                                                     const at::Tensor& scale,
                                                                     const Groups& g,
-                                                                    bool is_signed) {
+                                                                    bool is_signed,
+                                                                    const at::Tensor& h) {
   auto s_out = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
-  auto n_in = at::empty({g.n_groups}, x.options().dtype(at::kLong));
-  auto n_out = at::empty({g.n_groups}, x.options().dtype(at::kLong));
   const float* sp = scale.data_ptr<float>();
   float* so = s_out.data_ptr<float>();
+  if (h.defined()) {
+    auto w_in = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
+    auto w_out = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
+    float* wi = w_in.data_ptr<float>();
+    float* wo = w_out.data_ptr<float>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_sums", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      for_each_group(g.n_groups, [&](int64_t c) {
+        const GroupView<scalar_t> view{xp, g.n_groups, g.inner, c, g.len()};
+        const float* hc = importance_row(h, c, g.len());
+        const WeightedSums t = is_signed ? weighted_sums<scalar_t, true>(view, hc, sp[c])
+                                         : weighted_sums<scalar_t, false>(view, hc, sp[c]);
+        so[c] = static_cast<float>(t.s_out);
+        wi[c] = static_cast<float>(t.w_in);
+        wo[c] = static_cast<float>(t.w_out);
+      });
+    });
+    return {s_out, w_in, w_out};
+  }
+  auto n_in = at::empty({g.n_groups}, x.options().dtype(at::kLong));
+  auto n_out = at::empty({g.n_groups}, x.options().dtype(at::kLong));
   int64_t* ni = n_in.data_ptr<int64_t>();
   int64_t* no = n_out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_sums", [&] {
@@ -441,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Te
 
 at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g,
                                 bool is_signed, double octav_const, int64_t max_iters,
-                                double rtol) {
+                                double rtol, const at::Tensor& h) {
   auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
   const float* ip = init.numel() > 0 ? init.data_ptr<float>() : nullptr;
   float* sp = scale.data_ptr<float>();
@@ -449,6 +584,15 @@ at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, con
     const scalar_t* xp = x.data_ptr<scalar_t>();
     for_each_group(g.n_groups, [&](int64_t c) {
       const GroupView<scalar_t> view{xp, g.n_groups, g.inner, c, g.len()};
+      if (h.defined()) {
+        const float* hc = importance_row(h, c, g.len());
+        sp[c] = is_signed
+                    ? octav_group_weighted<scalar_t, true>(view, hc, ip, octav_const, max_iters,
+                                                           rtol)
+                    : octav_group_weighted<scalar_t, false>(view, hc, ip, octav_const,
+                                                            max_iters, rtol);
+        return;
+      }
       sp[c] = is_signed ? octav_group<scalar_t, true>(view, ip, octav_const, max_iters, rtol)
                         : octav_group<scalar_t, false>(view, ip, octav_const, max_iters, rtol);
     });

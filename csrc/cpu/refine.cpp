@@ -276,6 +276,42 @@ void buffer_sse(const float* xs, int64_t n, const float* cand, int64_t K, float 
   portable_sse(xs, n, steps, K, lo, hi, err);
 }
 
+// The importance-weighted pass (SPEC §2.1): sum over xs[0..n) of hs * (q - xs)^2 for K candidate
+// scales, each term double(h) * (d * d) with d as in piece_sse. Portable lane loops (no FMA).
+__attribute__((noinline)) void weighted_sse(const float* xs, const float* hs, int64_t n,
+                                            const float* cand, int64_t K, float L, float lo,
+                                            float hi, double* err) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float step = cand[k] / L;
+    double acc[kLanes] = {};
+    auto term = [&](int64_t j) {
+      const float q =
+          step == 0.0f ? 0.0f : std::min(std::max(std::nearbyint(xs[j] / step), lo), hi) * step;
+      const double d = static_cast<double>(q) - static_cast<double>(xs[j]);
+      return static_cast<double>(hs[j]) * (d * d);
+    };
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int u = 0; u < kLanes; ++u) acc[u] += term(j + u);
+    }
+    for (; j < n; ++j) acc[0] += term(j);
+    for (int w = kLanes / 2; w > 0; w /= 2) {
+      for (int u = 0; u < w; ++u) acc[u] += acc[u + w];
+    }
+    err[k] = acc[0];
+  }
+}
+
+// The pass over one stretch of a group: weighted where hs is given.
+inline void stretch_sse(const float* xs, const float* hs, int64_t n, const float* cand,
+                        int64_t K, float L, float lo, float hi, double* err) {
+  if (hs != nullptr) {
+    weighted_sse(xs, hs, n, cand, K, L, lo, hi, err);
+  } else {
+    buffer_sse(xs, n, cand, K, L, lo, hi, err);
+  }
+}
+
 // The data itself where it is float (read in place), else nullptr (to be converted).
 inline const float* float_data(const float* p) { return p; }
 template <typename T>
@@ -386,7 +422,7 @@ float refine_search(float s0f, float mf, const SSE& sse) {
 }  // namespace
 
 at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, const Groups& gr,
-                                 const Levels& lv, bool is_signed) {
+                                 const Levels& lv, bool is_signed, const at::Tensor& h) {
   const int64_t outer = gr.outer, n_groups = gr.n_groups, inner = gr.inner;
   const int64_t L = lv.L, lo = lv.lo, hi = lv.hi;
   auto out = at::empty({n_groups}, scale.options());
@@ -400,13 +436,18 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
     auto elements = [&](int64_t g, int64_t b, int64_t e, float* buf) {
       return group_elements(xp, outer, n_groups, inner, g, b, e, buf);
     };
+    // Elements [b, ...) of group g's importance row, or nullptr without importance.
+    auto weights = [&](int64_t g, int64_t b) -> const float* {
+      return h.defined() ? importance_row(h, g, len) + b : nullptr;
+    };
     if (len <= kLocal) {
       at::parallel_for(0, n_groups, 1, [&](int64_t b, int64_t e) {
         std::vector<float> buf(len);
         for (int64_t g = b; g < e; ++g) {
           const float* xs = elements(g, 0, len, buf.data());
+          const float* hs = weights(g, 0);
           auto sse = [&](const float* cand, int64_t K, double* err) {
-            buffer_sse(xs, len, cand, K, fL, flo, fhi, err);
+            stretch_sse(xs, hs, len, cand, K, fL, flo, fhi, err);
           };
           op[g] = refine_search(sp[g], positive_max(xs, len, is_signed), sse);
         }
@@ -417,17 +458,18 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
     std::vector<float> chunk_max(chunks);
     std::vector<double> partial(chunks * kMaxCandidates);
     for (int64_t g = 0; g < n_groups; ++g) {
-      // Runs fn(elements, count, chunk index) over the chunks of group g in parallel.
+      // Runs fn(elements, importance or nullptr, count, chunk index) over the chunks of group g
+      // in parallel.
       auto for_chunks = [&](const auto& fn) {
         at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
           std::vector<float> buf(kChunk);
           for (int64_t c = b; c < e; ++c) {
             const int64_t begin = c * kChunk, end = std::min(len, begin + kChunk);
-            fn(elements(g, begin, end, buf.data()), end - begin, c);
+            fn(elements(g, begin, end, buf.data()), weights(g, begin), end - begin, c);
           }
         });
       };
-      for_chunks([&](const float* xs, int64_t n, int64_t c) {
+      for_chunks([&](const float* xs, const float*, int64_t n, int64_t c) {
         chunk_max[c] = positive_max(xs, n, is_signed);
       });
       float m = 0.0f;
@@ -437,8 +479,8 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
         continue;
       }
       op[g] = refine_search(sp[g], m, [&](const float* cand, int64_t K, double* err) {
-        for_chunks([&](const float* xs, int64_t n, int64_t c) {
-          buffer_sse(xs, n, cand, K, fL, flo, fhi, partial.data() + c * K);
+        for_chunks([&](const float* xs, const float* hs, int64_t n, int64_t c) {
+          stretch_sse(xs, hs, n, cand, K, fL, flo, fhi, partial.data() + c * K);
         });
         std::fill(err, err + K, 0.0);
         for (int64_t c = 0; c < chunks; ++c)
@@ -450,7 +492,7 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
 }
 
 at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& gr,
-                                  const Levels& lv) {
+                                  const Levels& lv, const at::Tensor& h) {
   const int64_t outer = gr.outer, n_groups = gr.n_groups, inner = gr.inner;
   const int64_t L = lv.L, lo = lv.lo, hi = lv.hi;
   const int64_t K = cand.size(1), len = outer * inner;
@@ -467,8 +509,9 @@ at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, c
         for (int64_t begin = 0; begin < len; begin += kChunk) {
           const int64_t end = std::min(len, begin + kChunk);
           const float* xs = group_elements(xp, outer, n_groups, inner, g, begin, end, buf.data());
-          buffer_sse(xs, end - begin, cp + g * K, K, static_cast<float>(L),
-                     static_cast<float>(lo), static_cast<float>(hi), part);
+          const float* hs = h.defined() ? importance_row(h, g, len) + begin : nullptr;
+          stretch_sse(xs, hs, end - begin, cp + g * K, K, static_cast<float>(L),
+                      static_cast<float>(lo), static_cast<float>(hi), part);
           for (int64_t k = 0; k < K; ++k) op[g * K + k] += part[k];
         }
       }

@@ -17,21 +17,26 @@ def _zero_scale(x, g):
 
 
 def _refine_kernel(impl):
-    def kernel(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+    def kernel(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+               importance=None):
         g, scale = _args.check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
+        importance = _args.check_importance(importance, x)
         if x.numel() == 0:
             return _zero_scale(x, g)
-        return impl(x, scale, bits, signed, g.dim, g.group_size, narrow)
+        return impl(x, scale, bits, signed, g.dim, g.group_size, narrow, importance)
     return kernel
 
 
-def _refine_fake(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False):
+def _refine_fake(x, scale, bits, signed=True, dim=None, group_size=None, narrow=False,
+                 importance=None):
     g, _ = _args.check_with_scale(x, scale, bits, signed, dim, group_size, narrow)
+    _args.check_importance(importance, x, values=False)
     return x.new_empty(g.scale_shape, dtype=torch.float32)
 
 
 define("refine_scale(Tensor x, Tensor scale, int bits, bool signed=True, int? dim=None, "
-       "int? group_size=None, bool narrow=False) -> Tensor", _refine_kernel, _refine_fake)
+       "int? group_size=None, bool narrow=False, Tensor? importance=None) -> Tensor",
+       _refine_kernel, _refine_fake)
 
 
 def _check_candidates(x, cand, bits, signed, dim, group_size, narrow):
@@ -47,27 +52,31 @@ def _check_candidates(x, cand, bits, signed, dim, group_size, narrow):
 
 
 def _candidate_sse_kernel(impl):
-    def kernel(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+    def kernel(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False,
+               importance=None):
         g = _check_candidates(x, cand, bits, signed, dim, group_size, narrow)
+        importance = _args.check_importance(importance, x)
         if x.numel() == 0:
             return torch.zeros(cand.shape, dtype=torch.float64, device=x.device)
-        return impl(x, cand.float(), bits, signed, g.dim, g.group_size, narrow)
+        return impl(x, cand.float(), bits, signed, g.dim, g.group_size, narrow, importance)
     return kernel
 
 
-def _candidate_sse_fake(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False):
+def _candidate_sse_fake(x, cand, bits, signed=True, dim=None, group_size=None, narrow=False,
+                        importance=None):
     _check_candidates(x, cand, bits, signed, dim, group_size, narrow)
+    _args.check_importance(importance, x, values=False)
     return cand.new_empty(cand.shape, dtype=torch.float64)
 
 
 define("_candidate_sse(Tensor x, Tensor cand, int bits, bool signed=True, int? dim=None, "
-       "int? group_size=None, bool narrow=False) -> Tensor", _candidate_sse_kernel,
-       _candidate_sse_fake)
+       "int? group_size=None, bool narrow=False, Tensor? importance=None) -> Tensor",
+       _candidate_sse_kernel, _candidate_sse_fake)
 
 
 def refine_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: bool = True,
                  dim: int | None = None, group_size: int | None = None,
-                 narrow: bool = False) -> torch.Tensor:
+                 narrow: bool = False, importance: torch.Tensor | None = None) -> torch.Tensor:
     """``scale`` (e.g. the OCTAV fixed point) polished against the empirical MSE
     ``sum((fake_quantize(x, s) - x)**2)`` of the real quantizer (SPEC §1, §8), per group, float32.
 
@@ -79,8 +88,10 @@ def refine_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed: boo
     represented with the small values rounded to zero), then passes of 4, 4 and 2 that narrow
     the bracket around the best. It returns the lowest-error candidate seen, so never a higher
     error than ``scale`` or than max scaling. NaN/inf in a group give a NaN/inf scale; an
-    all-zero group gives 0.
+    all-zero group gives 0. With ``importance`` the error is ``sum h (q - x)**2`` (SPEC §2.1;
+    a group whose importance sums to 0 is searched without it).
     """
     _args.check_types(x, bits, dim, group_size, (("signed", signed), ("narrow", narrow)),
-                      (("scale", scale),))
-    return torch.ops.octav.refine_scale.default(x, scale, bits, signed, dim, group_size, narrow)
+                      (("scale", scale), ("importance", importance)))
+    return torch.ops.octav.refine_scale.default(x, scale, bits, signed, dim, group_size, narrow,
+                                                importance)

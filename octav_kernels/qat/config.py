@@ -20,6 +20,7 @@ from .quantizer import QuantAct, Quantizer
 from .scale import MODES, ScalePolicy, check_owned_fields, choice, make_policy
 
 ESTIMATORS = ("mph", "mad", "pwl", "ste")
+IMPORTANCES = ("input",)  # what weight_importance can weight a weight's error by
 
 
 def estimators(grad: str) -> tuple[str, str]:
@@ -51,6 +52,14 @@ class QuantConfig:
         process_group: data-parallel group (or ``"world"``) of the input quantizer
             (``Quantizer``); weights are replicated by DDP and need none.
         grad_scale: learned scales: multiply their gradient by LSQ's ``1 / sqrt(N hi)``.
+        weight_importance: ``"input"``: the layer keeps the mean square of each input feature
+            (``E[inp**2]``: an EMA with ``importance_momentum`` in training, the mean over
+            batches in ``calibrate_model``; buffer ``input_importance``) and its weight scales
+            minimize the importance-weighted squared error (SPEC §2.1: the layer's expected
+            output error) instead of the weight's own. Used by the calibrators that minimize an
+            error (``octav``, ``octav:refine``, ``mse``), for dynamic and static scales and the
+            start of learned ones. ``None`` (default): unweighted.
+        importance_momentum: the EMA factor of ``input_importance`` in training.
     """
 
     bits: int = 4
@@ -68,6 +77,8 @@ class QuantConfig:
     quantize_input: bool = True
     process_group: Any = None
     grad_scale: bool = True
+    weight_importance: str | None = None
+    importance_momentum: float = 0.1
 
     def __post_init__(self):
         _args.check_bits(self.bits)
@@ -93,6 +104,11 @@ class QuantConfig:
             _args.check_bool(getattr(self, name), name)
         check_owned_fields((self.mode, self.weight_mode or self.mode), self.every,
                            self.grad_scale)
+        if self.weight_importance is not None:
+            choice(self.weight_importance, IMPORTANCES, "weight_importance")
+        m = self.importance_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m <= 1.0:
+            raise ValueError(f"importance_momentum must be a number in (0, 1], got {m!r}")
 
     @classmethod
     def of(cls, config: QuantConfig | None = None, **fields) -> QuantConfig:

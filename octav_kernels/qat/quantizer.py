@@ -275,15 +275,19 @@ class Quantizer(OscillationTracking, nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` fake-quantized. ``importance`` (SPEC §2.1, broadcastable to ``x``; a layer
+        passes its inputs' ``E[inp**2]`` to its weight quantizer) weights the squared error of
+        the scales computed from ``x`` here (rules with ``Calibrator.uses_importance``)."""
         if self.calibrating:
-            self.observe(x)
+            self.observe(x, importance)
             return x
         if self.training:
-            return self.policy.training_forward(self, x)
-        return self.eval_forward(x)
+            return self.policy.training_forward(self, x, importance)
+        return self.eval_forward(x, importance)
 
-    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_forward(self, x: torch.Tensor, importance: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """The forward with the kept scale (computed from ``x`` first if there is none and
         ``init_from_input``)."""
         if self._unchecked or self._uncounted:
@@ -293,7 +297,7 @@ class Quantizer(OscillationTracking, nn.Module):
                 raise RuntimeError(
                     f"{self.name}: no scale yet; train it (mode='dynamic') or calibrate it "
                     "(octav_kernels.calibrate_model) before using it in eval / static mode")
-            self.set_scale(self.scale_of(x))
+            self.set_scale(self.scale_of(x, importance=importance))
         return self.fake_quantize(x, self.scale)
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -308,27 +312,39 @@ class Quantizer(OscillationTracking, nn.Module):
         return fake_quantize(x, scale, self.bits, signed=self._signed_for(x), dim=self.dim,
                              group_size=self.group_size, grad=self.grad, narrow=self.narrow)
 
-    def quantize_with_rule(self, x: torch.Tensor, init: torch.Tensor | None = None
+    def quantize_with_rule(self, x: torch.Tensor, init: torch.Tensor | None = None,
+                           importance: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fake-quantized x, its scale)``: the scale rule applied to ``x`` (warm-started from
-        ``init``) in one call where the rule has a fused op (``Calibrator.quantize``)."""
+        ``init``, weighted by ``importance``) in one call where the rule has a fused op
+        (``Calibrator.quantize``)."""
         if self.tracking:  # the tracked op quantizes with the scale it is given
-            s = self.scale_of(x, init)
+            s = self.scale_of(x, init, importance)
             return self.fake_quantize(x, s), s
         signed = self._signed_for(x)
         y, s = self.policy.rule.quantize(x, self.bits, signed=signed, dim=self.dim,
                                          group_size=self.group_size, narrow=self.narrow,
-                                         grad=self.grad, init=init)
+                                         grad=self.grad, init=init,
+                                         **self._weighted(importance))
         self._check(s, x)
         return y, s
 
-    def scale_of(self, x: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
-        """The scale rule's scale of ``x`` (checked for NaN/inf), not kept."""
+    def scale_of(self, x: torch.Tensor, init: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale rule's scale of ``x`` (weighted by ``importance``; checked for NaN/inf),
+        not kept."""
         x = x.detach()
         s = self.policy.rule(x, self.bits, signed=self._signed_for(x), dim=self.dim,
-                             group_size=self.group_size, narrow=self.narrow, init=init)
+                             group_size=self.group_size, narrow=self.narrow, init=init,
+                             **self._weighted(importance))
         self._check(s, x)
         return s
+
+    def _weighted(self, importance: torch.Tensor | None) -> dict:
+        """The rule's ``importance`` keyword: given only to rules that use it."""
+        if importance is None or not self.policy.rule.uses_importance:
+            return {}
+        return {"importance": importance}
 
     def scale_fits(self, x: torch.Tensor) -> bool:
         """Whether the kept scale has the shape this input's granularity needs."""
@@ -426,15 +442,19 @@ class Quantizer(OscillationTracking, nn.Module):
         """Leave calibration mode without setting the scale (the observed batches dropped)."""
         self.calibrating, self._calibration = False, None
 
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         """Calibration step: compute this batch's scale and fold it into the running result
-        (mean or max over batches, the policy's ``reduce``). Always checks x for NaN/inf."""
+        (mean or max over batches, the policy's ``reduce``). Always checks x for NaN/inf.
+
+        With ``importance`` (a weight observed with its layer's running mean of
+        ``E[inp**2]``): the scale of the last batch, whose importance is the mean over all
+        batches, replaces the earlier ones."""
         x = x.detach()
         self._signed_for(x)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.name}: a calibration batch contains NaN or inf")
-        s = self.scale_of(x).double()
-        if self._calibration is None:
+        s = self.scale_of(x, importance=importance).double()
+        if self._calibration is None or importance is not None:
             self._calibration = (s, 1)
             return
         acc, count = self._calibration

@@ -71,9 +71,11 @@ class ScalePolicy:
     def attach(self, q: Quantizer) -> None:
         """Set up the state this policy keeps on ``q`` (called once, by ``Quantizer``)."""
 
-    def training_forward(self, q: Quantizer, x: torch.Tensor) -> torch.Tensor:
-        """``q``'s forward in training mode (here: the eval forward, with the kept scale)."""
-        return q.eval_forward(x)
+    def training_forward(self, q: Quantizer, x: torch.Tensor,
+                         importance: torch.Tensor | None = None) -> torch.Tensor:
+        """``q``'s forward in training mode (here: the eval forward, with the kept scale);
+        ``importance`` weights a scale computed from ``x`` (``Quantizer.forward``)."""
+        return q.eval_forward(x, importance)
 
     def combine(self, acc: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Fold one calibration batch's scale into the running result (float64)."""
@@ -106,13 +108,13 @@ class DynamicScale(ScalePolicy):
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
 
-    def training_forward(self, q, x):
+    def training_forward(self, q, x, importance=None):
         init = q.scale if q.scale_fits(x) else None
         if self.every > 1:
             q.steps += 1
             if init is not None and (q.steps - 1) % self.every != 0:
                 return q.fake_quantize(x, init)
-        y, s = q.quantize_with_rule(x, init)
+        y, s = q.quantize_with_rule(x, init, importance)
         q.set_scale(s)
         return y
 
@@ -156,9 +158,9 @@ class LearnedScale(ScalePolicy):
         if shape is not None:
             q.scale = nn.Parameter(torch.zeros(shape))
 
-    def training_forward(self, q, x):
-        if not q.initialized:  # the first training forward: the calibrator's scale
-            q.set_scale(q.scale_of(x))
+    def training_forward(self, q, x, importance=None):
+        if not q.initialized:  # the first training forward: the calibrator's scale (weighted)
+            q.set_scale(q.scale_of(x, importance=importance))
         q.check_learned()
         return q.fake_quantize(x, q.scale)
 
