@@ -3,14 +3,20 @@
 A GPT-style byte LM (vocab 256, 4 blocks, d=128, 4 heads, context 64; token and position
 embeddings stay float) is trained from scratch in fp32 on a corpus present offline on every
 machine: the top-level ``*.py`` sources of this Python's standard library, sorted by name, every
-10th file held out for validation. Then, for each seed, from the same fp32 model, with the same
-steps and data order, every Linear (the LM head included) is quantized by
+10th file held out for validation. Each seed pretrains its own fp32 model until the validation
+bits per byte plateau (rounds of ``--round-steps`` at a constant learning rate, stopped when a
+round gains less than ``--plateau`` bpb or at ``--max-pretrain-steps``, then a linear cooldown;
+see ``pretrain``), cached under ``--cache-dir`` so that reruns skip it. Then, for each seed,
+from that seed's fp32 model, with the same steps and data order, every Linear (the LM head
+included) is quantized by
 
 - PTQ (static scales calibrated on 8 training batches): max, percentile 99.99, the 100-point
-  MSE sweep, OCTAV, OCTAV + refine;
-- QAT: max + STE; dynamic OCTAV + MPH; OCTAV + MAD; learned scales (LSQ) initialized by OCTAV
-  and by max; learned scales (OCTAV init) with oscillation freezing and dampening; torchao's
-  QATConfig (int8 per-token activations + intN weights; intN weight-only), when installed;
+  MSE sweep, OCTAV, OCTAV + refine, and the last three with weight scales weighted by the
+  inputs' ``E[x^2]`` (``weight_importance="input"``, SPEC §2.1);
+- QAT: max + STE; dynamic OCTAV + MPH, also weighted; OCTAV + MAD; learned scales (LSQ)
+  initialized by OCTAV, by weighted OCTAV and by max; learned scales (OCTAV init) with
+  oscillation freezing and dampening; torchao's QATConfig (int8 per-token activations + intN
+  weights; intN weight-only), when installed;
 
 at weights of 4, 3 and 2 bits per channel and per group of 32 with 8-bit inputs (per tensor for
 octav_kernels, per token for torchao), and one W4A4 row. Reported: validation bits per byte
@@ -20,18 +26,26 @@ extra steps as QAT (``fp32+``: QAT also trains the model further), ms per traini
 whether the converted model (``convert_model``) gives the QAT model's bits per byte.
 
     python bench/qat_lm.py --out bench/results/cpu_qat_lm.md    # the committed table (~20 min
-                                                               # on 2 cores)
-    python bench/qat_lm.py --quick                             # seconds, for tests
+                                                               # on 2 cores, plus pretraining
+                                                               # when not cached)
+    python bench/qat_lm.py --pretrain-only                     # pretrain (or load) and print
+                                                               # the curves (~4-6 min per 10k
+                                                               # steps per seed on 2 cores)
+    python bench/qat_lm.py --quick                             # seconds, for tests (no cache)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
+import os
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +57,11 @@ from torch import nn
 import octav_kernels as ok
 
 VOCAB = 256
+MODEL = dict(d=128, layers=4, heads=4)  # ByteLM's dimensions (the context is main's)
+PRETRAIN_LR = 3e-3
+# Bump when the pretraining code changes what it produces: old cache entries stop matching.
+PRETRAIN_VERSION = 1
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -87,9 +106,11 @@ class ByteLM(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
-def windows(data: torch.Tensor, count: int, context: int, seed: int) -> torch.Tensor:
-    """``count`` random windows of context + 1 bytes (deterministic in seed)."""
-    gen = torch.Generator().manual_seed(seed)
+def windows(data: torch.Tensor, count: int, context: int,
+            seed: int | torch.Generator) -> torch.Tensor:
+    """``count`` random windows of context + 1 bytes (deterministic in seed, or drawn from the
+    generator ``seed``)."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     start = torch.randint(0, len(data) - context - 1, (count,), generator=gen)
     return data[start[:, None] + torch.arange(context + 1)]
 
@@ -131,14 +152,145 @@ def bits_per_byte(model, val_windows) -> float:
     return statistics.mean(losses) / math.log(2)
 
 
+def pretrain(model, data, val_windows, batch, context, lr, seed, round_steps, plateau,
+             max_steps, cooldown_steps, label="") -> dict:
+    """Pretrain ``model`` until the validation bits per byte plateau; returns the record
+    {curve, stop, ms_per_step, seconds} (curve: [{steps, bpb, seconds, phase}], from step 0).
+
+    The schedule is warmup-free "warmup-stable-decay": AdamW at the constant ``lr`` in rounds of
+    ``round_steps``, the validation bpb after each; the constant phase stops after the first
+    round that gains less than ``plateau`` bpb (or when another round and the cooldown would pass
+    ``max_steps``), then ``cooldown_steps`` decay the rate linearly to ~0 and a last evaluation
+    closes the curve. A constant rate makes "gained less than ``plateau`` in a round" a statement
+    about the model, not about the schedule (a cosine over the cap would shrink the rate, and so
+    the gains, whatever the model; stopping one halfway would leave a model neither annealed
+    nor at its plateau), and the cooldown then settles the plateaued weights in the minimum the
+    constant rate was bouncing around, as an annealed schedule of that length would (Hägele et
+    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
+    The batches come from one generator seeded by ``seed``, round after round."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    started, times, steps = time.perf_counter(), [], 0
+    curve = [dict(steps=0, bpb=bits_per_byte(model, val_windows), seconds=0.0, phase="init")]
+
+    def run(n, rate, phase):
+        nonlocal steps
+        model.train()
+        all_windows = windows(data, n * batch, context, gen)
+        for i in range(n):
+            for group in opt.param_groups:
+                group["lr"] = rate(i)
+            start = time.perf_counter()
+            loss = loss_of(model, all_windows[i * batch:(i + 1) * batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        steps += n
+        curve.append(dict(steps=steps, bpb=bits_per_byte(model, val_windows),
+                          seconds=time.perf_counter() - started, phase=phase))
+        print(f"{label}pretraining: {steps} steps ({phase}), validation bpb "
+              f"{curve[-1]['bpb']:.4f} ({curve[-1]['seconds'] / 60:.1f} min)", file=sys.stderr,
+              flush=True)
+
+    stop = "cap"
+    while steps + round_steps + cooldown_steps <= max_steps:
+        run(round_steps, lambda i: lr, "constant")
+        if curve[-2]["bpb"] - curve[-1]["bpb"] < plateau:
+            stop = "plateau"
+            break
+    if cooldown_steps > 0:
+        run(cooldown_steps, lambda i: lr * (1 - i / cooldown_steps), "cooldown")
+    return dict(curve=curve, stop=stop, ms_per_step=1e3 * statistics.mean(times[3:] or times),
+                seconds=time.perf_counter() - started)
+
+
+def pretrain_fixed(model, data, val_windows, batch, context, lr, seed, steps) -> dict:
+    """``--pretrain-steps``: exactly ``steps`` steps, cosine schedule (no plateau rule); the
+    record of ``pretrain``."""
+    started = time.perf_counter()
+    curve = [dict(steps=0, bpb=bits_per_byte(model, val_windows), seconds=0.0, phase="init")]
+    ms = train(model, data, steps, batch, context, lr, seed)
+    curve.append(dict(steps=steps, bpb=bits_per_byte(model, val_windows),
+                      seconds=time.perf_counter() - started, phase="cosine"))
+    return dict(curve=curve, stop="fixed", ms_per_step=ms, seconds=curve[-1]["seconds"])
+
+
+def default_cache_dir() -> Path:
+    """``$OCTAV_CACHE/qat_lm``, else ``$XDG_CACHE_HOME/octav_kernels/qat_lm``, else
+    ``~/.cache/octav_kernels/qat_lm``."""
+    if os.environ.get("OCTAV_CACHE"):
+        return Path(os.environ["OCTAV_CACHE"]).expanduser() / "qat_lm"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "octav_kernels" / "qat_lm"
+
+
+def cache_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"seed{key['seed']}-{digest}.pt"
+
+
+def cache_load(path: Path, key: dict, model) -> dict | None:
+    """The record cached at ``path`` for ``key``, its weights loaded into model; None if absent,
+    unreadable or for another key."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] != key:
+            raise ValueError("the cached configuration differs")
+        model.load_state_dict(saved["state_dict"])
+    except Exception as e:  # a stale or broken entry: pretrain again, overwrite it
+        print(f"ignoring the cache entry {path}: {e}", file=sys.stderr)
+        return None
+    return saved["record"]
+
+
+def cache_save(path: Path, key: dict, model, record: dict) -> None:
+    """Write atomically (a temporary file in the same directory, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(dict(key=key, state_dict=model.state_dict(), record=record), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def corpus_fingerprint(train_data, val_data, n_files) -> dict:
+    digest = hashlib.sha256()
+    for part in (train_data, val_data):
+        digest.update(part.to(torch.uint8).numpy().tobytes())
+    return dict(files=n_files, train_bytes=len(train_data), val_bytes=len(val_data),
+                sha256=digest.hexdigest()[:16])
+
+
+def curve_text(record, batch, context, train_bytes) -> str:
+    """"0 -> 8.05, 1000 -> 2.71, ..., 7000 -> 1.90 (cooldown)" and the epochs it saw."""
+    points = ", ".join(f"{p['steps']} → {p['bpb']:.3f}" + (" (cooldown)" if p["phase"] ==
+                                                            "cooldown" else "")
+                       for p in record["curve"])
+    steps = record["curve"][-1]["steps"]
+    return f"{points}; {steps * batch * context / train_bytes:.2f} epochs"
+
+
 CONFIGS = [  # (label, weight bits, weight granularity, activation bits)
     ("W4 per channel", 4, "channel", 8), ("W4 g32", 4, 32, 8),
     ("W3 per channel", 3, "channel", 8), ("W3 g32", 3, 32, 8),
     ("W2 per channel", 2, "channel", 8), ("W2 g32", 2, 32, 8),
     ("W4A4 per channel", 4, "channel", 4),
 ]
-PTQ = {"max": "max", "percentile 99.99": "percentile:99.99", "MSE sweep": "mse",
-       "OCTAV": "octav", "OCTAV + refine": "octav:refine"}
+PTQ = {  # name: quantize_model keywords of static calibration
+    "max": dict(calibrator="max"), "percentile 99.99": dict(calibrator="percentile:99.99"),
+    "MSE sweep": dict(calibrator="mse"), "OCTAV": dict(calibrator="octav"),
+    "OCTAV + refine": dict(calibrator="octav:refine"),
+    # weight scales weighted by the layer inputs' E[x^2] (SPEC §2.1)
+    "weighted OCTAV": dict(calibrator="octav", weight_importance="input"),
+    "weighted OCTAV + refine": dict(calibrator="octav:refine", weight_importance="input"),
+    "weighted MSE sweep": dict(calibrator="mse", weight_importance="input"),
+}
 QAT = {  # name: (quantize_model keywords, oscillation treatments)
     "max + STE": (dict(calibrator="max", grad="ste"), False),
     "OCTAV + MPH (dynamic)": (dict(grad="mph"), False),
@@ -146,6 +298,8 @@ QAT = {  # name: (quantize_model keywords, oscillation treatments)
     "LSQ, OCTAV init": (dict(mode="learned"), False),
     "LSQ, max init": (dict(mode="learned", calibrator="max"), False),
     "LSQ, OCTAV init + freezing/dampening": (dict(mode="learned"), True),
+    "weighted OCTAV + MPH (dynamic)": (dict(grad="mph", weight_importance="input"), False),
+    "LSQ, weighted OCTAV init": (dict(mode="learned", weight_importance="input"), False),
 }
 
 
@@ -182,29 +336,114 @@ def torchao_recipes(model, bits, gran, act_bits):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the markdown table here")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds; each pretrains (or loads) its own fp32 model")
+    parser.add_argument("--round-steps", type=int, default=1000,
+                        help="pretraining steps between two validation evaluations (default "
+                        "1000)")
+    parser.add_argument("--plateau", type=float, default=0.01,
+                        help="stop the constant-rate pretraining after the first round that "
+                        "lowers the validation bits per byte by less than this (default 0.01)")
+    parser.add_argument("--max-pretrain-steps", type=int, default=20000,
+                        help="cap on the pretraining steps, cooldown included (default 20000)")
+    parser.add_argument("--cooldown-steps", type=int, default=1000,
+                        help="steps of linear learning-rate decay after the plateau (default "
+                        "1000)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="instead of the plateau rule: exactly this many pretraining "
+                        "steps, cosine schedule (the script's former fixed-length run)")
     parser.add_argument("--qat-steps", type=int, default=70)
     parser.add_argument("--batch", type=int, default=8, help="windows of 64 bytes per step")
-    parser.add_argument("--quick", action="store_true", help="tiny runs (the tests' run)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="pretrained checkpoints (weights + curve), keyed by the "
+                        "configuration; default $OCTAV_CACHE/qat_lm, else "
+                        "$XDG_CACHE_HOME/octav_kernels/qat_lm, else "
+                        "~/.cache/octav_kernels/qat_lm (never inside the repository)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write the pretraining cache")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="pretrain (or load) the fp32 models, print their curves, exit")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny runs (the tests' run); no cache unless --cache-dir is given")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.pretrain_steps, args.qat_steps = 1, 4, 3
+        args.seeds, args.qat_steps = 1, 3
+        args.round_steps, args.cooldown_steps, args.max_pretrain_steps = 2, 2, 6
+        if args.pretrain_steps is not None:
+            args.pretrain_steps = min(args.pretrain_steps, 4)
+    use_cache = not args.no_cache and not (args.quick and args.cache_dir is None)
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    if use_cache and cache_dir.is_relative_to(ROOT):
+        parser.error(f"--cache-dir {cache_dir} is inside the repository {ROOT}")
     configs = CONFIGS[:1] + CONFIGS[-1:] if args.quick else CONFIGS
     batch, context = args.batch, 64
     train_data, val_data, n_files = corpus()
     val_windows = windows(val_data, 64 if args.quick else 256, context, seed=12345)
     calib = [windows(train_data, batch, context, 777 + k)[:, :-1] for k in range(8)]
     started = time.perf_counter()
+    if args.pretrain_steps is not None:
+        rule = dict(schedule="cosine", steps=args.pretrain_steps)
+        rule_text = f"exactly {args.pretrain_steps} steps, cosine schedule (--pretrain-steps)"
+    else:
+        rule = dict(schedule="constant rounds + linear cooldown", round_steps=args.round_steps,
+                    plateau=args.plateau, max_steps=args.max_pretrain_steps,
+                    cooldown_steps=args.cooldown_steps)
+        rule_text = (f"constant rate in rounds of {args.round_steps} steps until a round gains "
+                     f"< {args.plateau} bpb (cap {args.max_pretrain_steps} steps), then "
+                     f"{args.cooldown_steps} steps of linear decay")
+    key_base = dict(version=PRETRAIN_VERSION, model=dict(MODEL, vocab=VOCAB, context=context),
+                    batch=batch, lr=PRETRAIN_LR, optimizer="AdamW, weight decay 0", rule=rule,
+                    val_windows=[len(val_windows), 12345], torch=str(torch.__version__),
+                    corpus=corpus_fingerprint(train_data, val_data, n_files))
 
-    fp32, tuned, results, step_ms, converted_ok = [], [], {}, {}, {}
+    bases, records, sources = [], [], []
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        base = ByteLM(context=context)
-        step_ms.setdefault("fp32", []).append(
-            train(base, train_data, args.pretrain_steps, batch, context, 3e-3, seed))
+        base = ByteLM(**MODEL, context=context)
+        key = dict(key_base, seed=seed)
+        path = cache_path(cache_dir, key) if use_cache else None
+        record = cache_load(path, key, base) if use_cache else None
+        shown = str(path).replace(str(Path.home()), "~", 1) if path else None
+        if record is not None:
+            sources.append(f"seed {seed}: loaded from the cache ({shown}; pretraining had "
+                           f"taken {record['seconds'] / 60:.1f} min)")
+        else:
+            if args.pretrain_steps is not None:
+                record = pretrain_fixed(base, train_data, val_windows, batch, context,
+                                        PRETRAIN_LR, seed, args.pretrain_steps)
+            else:
+                record = pretrain(base, train_data, val_windows, batch, context, PRETRAIN_LR,
+                                  seed, args.round_steps, args.plateau, args.max_pretrain_steps,
+                                  args.cooldown_steps, label=f"seed {seed}: ")
+            if use_cache:
+                cache_save(path, key, base, record)
+            sources.append(f"seed {seed}: pretrained in this run, {record['seconds'] / 60:.1f} "
+                           f"min" + (f" (saved to the cache: {shown})" if use_cache else
+                                     " (cache off)"))
+        print(sources[-1], file=sys.stderr, flush=True)
+        bases.append(base)
+        records.append(record)
+    curves = [f"seed {seed}: " + curve_text(r, batch, context, len(train_data))
+              + ("" if r["stop"] != "cap" else " (stopped at the cap, not at a plateau)")
+              for seed, r in enumerate(records)]
+    if args.pretrain_only:
+        print(f"fp32 pretraining ({rule_text}; {batch}x{context} bytes per step, AdamW "
+              f"{PRETRAIN_LR}; {len(train_data):,} training bytes), steps → validation bits "
+              "per byte:")
+        for seed, (line, source) in enumerate(zip(curves, sources)):
+            print(f"  {line}\n    {records[seed]['ms_per_step']:.1f} ms/step; {source}\n"
+                  "    | steps | phase | validation bpb | min |")
+            for p in records[seed]["curve"]:
+                print(f"    | {p['steps']} | {p['phase']} | {p['bpb']:.4f} | "
+                      f"{p['seconds'] / 60:.1f} |")
+        return
+
+    fp32, tuned, results, step_ms, converted_ok = [], [], {}, {}, {}
+    for seed, base in enumerate(bases):
+        step_ms.setdefault("fp32", []).append(records[seed]["ms_per_step"])
         fp32.append(bits_per_byte(base, val_windows))
         control_run = copy.deepcopy(base)  # fp32+: the QAT runs' extra steps, in fp32
         train(control_run, train_data, args.qat_steps, batch, context, 3e-4, 1000 + seed)
@@ -213,8 +452,8 @@ def main(argv=None):
             print(f"seed {seed}: {label} ({(time.perf_counter() - started) / 60:.1f} min)",
                   file=sys.stderr, flush=True)
             cell = results.setdefault(label, {})
-            for name, calibrator in PTQ.items():
-                m = quantized(base, bits, gran, act_bits, mode="static", calibrator=calibrator)
+            for name, kw in PTQ.items():
+                m = quantized(base, bits, gran, act_bits, mode="static", **kw)
                 ok.calibrate_model(m, calib)
                 cell.setdefault(f"PTQ {name}", []).append(bits_per_byte(m, val_windows))
             for name, (kw, oscillations) in QAT.items():
@@ -247,19 +486,29 @@ def main(argv=None):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     tuned_mean = statistics.mean(tuned)
-    command = "python bench/qat_lm.py" + (" --quick" if args.quick else "") + (
-        f" --out {args.out}" if args.out else "")
+    command = " ".join(["python bench/qat_lm.py", *(sys.argv[1:] if argv is None else argv)])
     lines = header(command) + [
         "",
-        f"Byte-level LM (vocab 256, 4 blocks, d=128, context 64), {n_files} stdlib files "
-        f"(every 10th for validation: {len(val_data):,} bytes, {len(val_windows)} windows); "
-        f"fp32 {args.pretrain_steps} steps of {batch}x{context} bytes (AdamW 3e-3), QAT "
-        f"{args.qat_steps} steps (AdamW 3e-4), {args.seeds} seed(s); every Linear quantized "
-        f"(first_last_bits=None), embeddings float. {minutes:.1f} min in all.",
+        f"Byte-level LM (vocab 256, {MODEL['layers']} blocks, d={MODEL['d']}, context "
+        f"{context}), {n_files} stdlib files (every 10th for validation: {len(val_data):,} "
+        f"bytes, {len(val_windows)} windows; training: {len(train_data):,} bytes); fp32 "
+        f"pretraining, one model per seed: {rule_text}, {batch}x{context} bytes per step "
+        f"(AdamW {PRETRAIN_LR}); QAT {args.qat_steps} steps (AdamW 3e-4), {args.seeds} seed(s); "
+        f"every Linear quantized (first_last_bits=None), embeddings float. {minutes:.1f} min "
+        "in all (pretraining included where it ran in this run).",
+        "",
+        "fp32 pretraining curves (steps → validation bits per byte; epochs: bytes seen / "
+        "training bytes):",
+        "",
+        *[f"- {line}" for line in curves],
+        "",
+        "Pretrained checkpoints:",
+        "",
+        *[f"- {source}" for source in sources],
         "",
         f"fp32 validation bits per byte: {stat(fp32)} after pretraining, {stat(tuned)} after "
         f"the QAT runs' {args.qat_steps} extra steps in fp32 (fp32+); ms per fp32 step: "
-        f"{statistics.mean(step_ms['fp32']):.1f}.",
+        f"{statistics.mean(step_ms['fp32']):.1f} (measured while pretraining).",
         "",
         "recovered = (bpb of PTQ max - bpb) / (bpb of PTQ max - bpb of fp32+): the share of the "
         "PTQ degradation a method recovers against fp32 trained as long (negative: worse than "

@@ -47,3 +47,33 @@ def test_bench_overhead_quick(tmp_path):
                  "masked_sums", "octav_kernels, dynamic OCTAV + refine", "fp32"):
         assert name in times, name
     assert all(t > 0 for ts in times.values() for t in ts)
+
+
+def test_qat_lm_pretrain_cache_quick(tmp_path):
+    """bench/qat_lm.py --quick --pretrain-only: no cache unless --cache-dir is given (nothing
+    written under HOME); with it, the second run loads the first run's checkpoint and curve."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "OCTAV_CACHE", "XDG_CACHE_HOME")}
+    env["HOME"] = str(home)
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, "bench/qat_lm.py", "--quick", "--pretrain-only",
+                               *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = run()
+    assert "seed 0: 0 → " in out and "(cache off)" in out
+    assert not home.exists()
+    cache = tmp_path / "cache"
+    first, second = run("--cache-dir", str(cache)), run("--cache-dir", str(cache))
+    assert "pretrained in this run" in first and "loaded from the cache" in second
+    curve = [line for line in first.splitlines() if line.strip().startswith("seed 0: 0 → ")]
+    assert curve and curve[0] in second.splitlines()
+    assert len(list(cache.glob("seed0-*.pt"))) == 1
+    bad = subprocess.run([sys.executable, "bench/qat_lm.py", "--quick", "--pretrain-only",
+                          "--cache-dir", str(ROOT / "bench")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "inside the repository" in bad.stderr
