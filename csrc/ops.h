@@ -157,6 +157,23 @@ at::Tensor dampening_backward(const at::Tensor& grad, const at::Tensor& w,
 
 // ------------------------------------------------------------------------------ OCTAV
 
+// The importance table (args.h importance_layout) as K reads it: the [P, len] table itself, or
+// where K::kImportanceAtOffsets (the CUDA kernels) a contiguous tensor in the reductions'
+// [outer, n_groups, inner] layout (gr), read at x's offsets: group c's row c % P repeated.
+template <typename K>
+at::Tensor importance_for(const at::Tensor& table, const Groups& gr) {
+  if constexpr (K::kImportanceAtOffsets) {
+    if (table.defined()) {
+      const int64_t rows = table.size(0);
+      return table.view({rows, gr.outer, gr.inner})
+          .permute({1, 0, 2})
+          .repeat({1, gr.n_groups / rows, 1})
+          .contiguous();
+    }
+  }
+  return table;
+}
+
 inline Groups check_octav(const at::Tensor& x, int64_t bits, bool is_signed, OptInt dim,
                           OptInt group_size, const OptTensor& init, bool narrow,
                           at::Tensor& init_flat) {
@@ -176,7 +193,7 @@ at::Tensor octav_scale(const at::Tensor& x, int64_t bits, bool is_signed, OptInt
   if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
   const auto [xr, gr] = reduction_layout(x, g);
   return K::octav_scale(xr, init_flat, gr, is_signed, octav_constant(bits, is_signed, narrow),
-                        max_iters, rtol, importance_layout(h, x, g, true))
+                        max_iters, rtol, importance_for<K>(importance_layout(h, x, g, true), gr))
       .view(g.scale_shape);
 }
 
@@ -195,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sums(const at::Tensor& x,
     return {zeros.to(at::kFloat), zeros, zeros.clone()};
   }
   const auto [xr, gr] = reduction_layout(x, g);
-  auto [s_out, n_in, n_out] = K::masked_sums(xr, s, gr, is_signed,
-                                             importance_layout(h, x, g, false));
+  const at::Tensor hr = importance_for<K>(importance_layout(h, x, g, false), gr);
+  auto [s_out, n_in, n_out] = K::masked_sums(xr, s, gr, is_signed, hr);
   return {s_out.view(g.scale_shape), n_in.view(g.scale_shape), n_out.view(g.scale_shape)};
 }
 
@@ -214,13 +231,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_octav(const at::Tensor& x,
   const at::Tensor hr = importance_layout(h, x, g, true);  // x's own layout unless transposed
   if constexpr (K::kFusedOctav) {
     if (!transposed_for_kernels(g)) {
-      return K::octav_fake_quantize(x, init, g, bits, is_signed, narrow, with_mask, hr);
+      return K::octav_fake_quantize(x, init, g, bits, is_signed, narrow, with_mask,
+                                    importance_for<K>(hr, g));
     }
   }
   const auto [xr, gr] = reduction_layout(x, g);
   const at::Tensor scale = K::octav_scale(xr, init, gr, is_signed,
                                           octav_constant(bits, is_signed, narrow),
-                                          kDefaultMaxIters, kDefaultRtol, hr);
+                                          kDefaultMaxIters, kDefaultRtol,
+                                          importance_for<K>(hr, gr));
   at::Tensor mask = at::empty({0}, x.options().dtype(at::kInt));
   at::Tensor y = K::fake_quantize(x.contiguous(), scale, g, levels(bits, is_signed, narrow),
                                   is_signed, with_mask ? &mask : nullptr);
@@ -270,7 +289,8 @@ at::Tensor candidate_sse(const at::Tensor& x, const at::Tensor& cand, int64_t bi
   if (x.numel() == 0) return at::zeros(cand.sizes(), cand.options().dtype(at::kDouble));
   const auto [xr, gr] = reduction_layout(x, g);
   return K::candidate_sse(xr, cand.to(at::kFloat).contiguous(), gr,
-                          levels(bits, is_signed, narrow), importance_layout(h, x, g, true));
+                          levels(bits, is_signed, narrow),
+                          importance_for<K>(importance_layout(h, x, g, true), gr));
 }
 
 // The whole refinement search (devices whose kernels run it: K::refine_scale).
@@ -284,7 +304,7 @@ at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, int64_t bi
   if (x.numel() == 0) return zeros_like_scale(x, g, at::kFloat);
   const auto [xr, gr] = reduction_layout(x, g);
   return K::refine_scale(xr, s, gr, levels(bits, is_signed, narrow), is_signed,
-                         importance_layout(h, x, g, true))
+                         importance_for<K>(importance_layout(h, x, g, true), gr))
       .view(g.scale_shape);
 }
 

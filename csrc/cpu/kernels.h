@@ -18,6 +18,7 @@ inline const float* importance_row(const at::Tensor& h, int64_t c, int64_t len) 
 struct Kernels {
   OCTAV_KERNELS_INTERFACE
   static constexpr bool kFusedOctav = false;  // (the scale, then the fake-quant with it)
+  static constexpr bool kImportanceAtOffsets = false;  // reads the [P, len] table (ops.h)
   // The whole refinement search, in C++ on the CPU.
   static at::Tensor refine_scale(const at::Tensor& x, const at::Tensor& scale, const Groups& g,
                                  const Levels& lv, bool is_signed, const at::Tensor& h);

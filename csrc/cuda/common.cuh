@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernel families (the element math of SPEC §1 is csrc/grid.h's,
 // shared with the CPU): 16-byte vector loads of 8 elements, and (S_out, n_in, n_out, max a)
-// reductions.
+// reductions, plain or importance-weighted (SPEC §2.1).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -144,9 +144,17 @@ __device__ __forceinline__ void quantize_chunks(const T* __restrict__ x, T* __re
 // sum, int counts); flushed into Totals for longer runs and for every reduction. Magnitudes
 // above kBig (near float32's max, possible in float32 and bfloat16) go to a double sum, so the
 // float one cannot overflow (256 * kBig << FLT_MAX); the branch is uniform on ordinary data.
+// Weighted (SPEC §2.1, importance h): float sums of h a, h 1{in}, h 1{out} and the largest a of
+// positive h; a term whose h or float product h a is above kBig goes to the double sums, with
+// the product taken in double (exact: two floats' product fits a double). The plain
+// Stats<false> ignores h.
 constexpr float kBig = 1e30f;
 
-struct Stats {
+template <bool Weighted>
+struct Stats;
+
+template <>
+struct Stats<false> {
   float s_out = 0.0f;
   double s_big = 0.0;
   int n_in = 0;
@@ -166,19 +174,58 @@ struct Stats {
     n_in += (a > 0.0f) & (a <= s);
     a_max = fmaxf(a_max, a);
   }
+  template <bool Signed>
+  __device__ __forceinline__ void add(float v, float /*h*/, float s) {
+    add<Signed>(v, s);
+  }
 };
 
-// (S_out, n_in, n_out, max a) of a group: double sum, exact int64 counts.
-struct Totals {
-  double s_out = 0.0;
-  long long n_in = 0;
-  long long n_out = 0;
+template <>
+struct Stats<true> {
+  float s_out = 0.0f, w_in = 0.0f, w_out = 0.0f;
+  double s_big = 0.0, w_in_big = 0.0, w_out_big = 0.0;
   float a_max = 0.0f;
 
-  __device__ __forceinline__ void add(const Stats& t) {
-    s_out += static_cast<double>(t.s_out) + t.s_big;
-    n_in += t.n_in;
-    n_out += t.n_out;
+  template <bool Signed>
+  __device__ __forceinline__ void add(float v, float h, float s) {
+    const float a = magnitude<Signed>(v);
+    const bool out = (a > s) | (a != a);
+    const bool in = (a > 0.0f) & (a <= s);
+    const float p = __fmul_rn(h, a);  // NaN for a NaN a, or an inf a of importance 0
+    if (fmaxf(h, p) > kBig) {  // fmaxf(h, NaN) = h: a NaN product stays on the float sums
+      s_big += out ? __dmul_rn(static_cast<double>(h), static_cast<double>(a)) : 0.0;
+      w_in_big += in ? static_cast<double>(h) : 0.0;
+      w_out_big += out ? static_cast<double>(h) : 0.0;
+    } else {
+      s_out += out ? p : 0.0f;
+      w_in += in ? h : 0.0f;
+      w_out += out ? h : 0.0f;
+    }
+    a_max = fmaxf(a_max, h > 0.0f ? a : 0.0f);
+  }
+};
+
+// (S_out, n_in, n_out, max a) of a group: double sum, exact int64 counts; weighted, double sums
+// of h a, h 1{in}, h 1{out} (as n_in, n_out) and the largest a of positive h. The same size
+// either way (the solvers' static shared memory does not depend on it).
+template <bool Weighted>
+struct Totals {
+  using Count = std::conditional_t<Weighted, double, long long>;
+  double s_out = 0.0;
+  Count n_in = 0;
+  Count n_out = 0;
+  float a_max = 0.0f;
+
+  __device__ __forceinline__ void add(const Stats<Weighted>& t) {
+    if constexpr (Weighted) {
+      s_out += static_cast<double>(t.s_out) + t.s_big;
+      n_in += static_cast<double>(t.w_in) + t.w_in_big;
+      n_out += static_cast<double>(t.w_out) + t.w_out_big;
+    } else {
+      s_out += static_cast<double>(t.s_out) + t.s_big;
+      n_in += t.n_in;
+      n_out += t.n_out;
+    }
     a_max = fmaxf(a_max, t.a_max);
   }
   __device__ __forceinline__ void add(const Totals& t) {
@@ -188,11 +235,13 @@ struct Totals {
     a_max = fmaxf(a_max, t.a_max);
   }
 };
+static_assert(sizeof(Totals<true>) == sizeof(Totals<false>), "Totals: one size");
 
-__device__ __forceinline__ Totals warp_sum(Totals t) {
+template <bool Weighted>
+__device__ __forceinline__ Totals<Weighted> warp_sum(Totals<Weighted> t) {
 #pragma unroll
   for (int d = kWarp / 2; d > 0; d /= 2) {  // butterfly: every lane ends with the same total
-    Totals o;
+    Totals<Weighted> o;
     o.s_out = __shfl_xor_sync(0xffffffffu, t.s_out, d);
     o.n_in = __shfl_xor_sync(0xffffffffu, t.n_in, d);
     o.n_out = __shfl_xor_sync(0xffffffffu, t.n_out, d);
@@ -205,21 +254,30 @@ __device__ __forceinline__ Totals warp_sum(Totals t) {
 // Sum over the block (blockDim.x a multiple of 32); every thread gets the total, added in the
 // same order in every thread and every block. `scratch` holds 32 Totals; the trailing barrier
 // makes it reusable at once.
-__device__ __forceinline__ Totals block_sum(Totals t, Totals* scratch) {
+template <bool Weighted>
+__device__ __forceinline__ Totals<Weighted> block_sum(Totals<Weighted> t,
+                                                      Totals<Weighted>* scratch) {
   t = warp_sum(t);
   const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   if (threadIdx.x % kWarp == 0) scratch[warp] = t;
   __syncthreads();
-  Totals total;
+  Totals<Weighted> total;
   for (int w = 0; w < n_warps; ++w) total.add(scratch[w]);
   __syncthreads();
   return total;
 }
 
 // s_next = S_out / (c n_in + n_out) (double, then float), or max a when nothing lies above s.
+// Weighted: S_out / (c W_in + W_out), or the largest a of positive h when no weight lies above s
+// and S_out is 0 (a NaN S_out, from a NaN or inf entry of importance 0, stays NaN).
 // Each operation rounded on its own (no FMA contraction), as in the reference and the C++ build.
-__device__ __forceinline__ float next_scale(const Totals& t, double octav_const) {
-  if (t.n_out == 0) return t.a_max;
+template <bool Weighted>
+__device__ __forceinline__ float next_scale(const Totals<Weighted>& t, double octav_const) {
+  if constexpr (Weighted) {
+    if (t.n_out == 0.0 && t.s_out == 0.0) return t.a_max;
+  } else {
+    if (t.n_out == 0) return t.a_max;
+  }
   const double den = __dadd_rn(__dmul_rn(octav_const, static_cast<double>(t.n_in)),
                                static_cast<double>(t.n_out));
   return static_cast<float>(__ddiv_rn(t.s_out, den));

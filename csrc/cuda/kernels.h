@@ -17,9 +17,11 @@ struct Kernels {
   // (ops.h composes it for a transposed reduction layout). The default iteration
   // (kDefaultMaxIters, kDefaultRtol); y, the scale and, with with_mask, the packed PWL mask.
   static constexpr bool kFusedOctav = true;
+  // The kernels read an importance at x's offsets (ops.h importance_for: the table expanded).
+  static constexpr bool kImportanceAtOffsets = true;
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> octav_fake_quantize(
       const at::Tensor& x, const at::Tensor& init, const Groups& g, int64_t bits, bool is_signed,
-      bool narrow, bool with_mask);
+      bool narrow, bool with_mask, const at::Tensor& h);
 };
 
 // The dynamic shared memory the OCTAV block-per-group kernel may use on GPU `device`

@@ -8,15 +8,23 @@
 // helps). Blocks loop over groups (grid-stride), so any number of groups fits one launch.
 //
 // A whole tensor (one group too large for one SM) is solved by one cooperative launch: every
-// block reduces its grid-stride share of a pass, writes a (double, int64, int64, float) partial,
-// the grid synchronizes, and every block adds all partials in the same fixed order, so every
-// block holds the bit-identical next scale and takes the same stop decision. Partials are
-// double-buffered by iteration parity, so one grid barrier per pass suffices. Fused, the same
+// block reduces its grid-stride share of a pass, writes a (double, int64, int64, float) partial
+// (weighted: double sums of importance in place of the counts), the grid synchronizes, and
+// every block adds all partials in the same fixed order, so every block holds the bit-identical
+// next scale and takes the same stop decision. Partials are double-buffered by iteration
+// parity, so one grid barrier per pass suffices. Fused, the same
 // launch then writes the quantized tensor. No host synchronization anywhere; results do not
 // depend on timing (no floating-point atomics).
 //
 // masked_sums is one pass: blocks reduce slices of a group into partials, a second kernel adds
 // them per group in order.
+//
+// With importance h (SPEC §2.1: float32 in x's layout, so element j of group c of h is at x's
+// offset; an undefined tensor without), every kernel reduces the weighted sums instead
+// (common.cuh: Stats<true>, Totals<true>): a template parameter, so the plain instantiations are
+// the unweighted kernels as they were. On-chip groups stage h in shared memory next to x (4 more
+// bytes an element, which solver_path accounts for); the global-memory and whole-tensor paths
+// and masked_sums read h from global memory with x.
 #include "kernels.h"
 #include "common.cuh"
 #include "solver_path.h"
@@ -57,8 +65,8 @@ struct Quantizer {  // fused fake-quant output (y == nullptr: scale only)
 };
 
 // Reduction over the threads of one group: a warp (TPG == 32) or the whole block.
-template <int TPG>
-__device__ __forceinline__ Totals group_sum(const Totals& t, Totals* scratch) {
+template <int TPG, bool W>
+__device__ __forceinline__ Totals<W> group_sum(const Totals<W>& t, Totals<W>* scratch) {
   if constexpr (TPG == kWarp) {
     return warp_sum(t);
   } else {
@@ -77,39 +85,61 @@ __device__ __forceinline__ void group_sync() {
 
 // TPG == 32: a warp per group, blockDim / 32 groups per block; TPG == kBlock: the whole block
 // (any multiple of 32 threads up to kBlock) per group. OnChip groups are first copied to shared
-// memory (a slot per group); otherwise every pass reads global memory.
-template <typename T, bool Signed, int TPG, bool OnChip>
+// memory (a slot per group; weighted W, the blockDim / tpg slots of h (float) come first, then
+// those of x); otherwise every pass reads global memory. h: the importance (W only).
+template <typename T, bool Signed, int TPG, bool OnChip, bool W>
 __global__ void __launch_bounds__(kBlock)
-    octav_groups_kernel(const T* __restrict__ x, float* __restrict__ scale_out,
-                        T* __restrict__ y, Geometry geo, Solver solver, Quantizer qz) {
+    octav_groups_kernel(const T* __restrict__ x, const float* __restrict__ h,
+                        float* __restrict__ scale_out, T* __restrict__ y, Geometry geo,
+                        Solver solver, Quantizer qz) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ Totals scratch[kWarp];
+  __shared__ Totals<W> scratch[kWarp];
   const int tpg = TPG == kWarp ? kWarp : blockDim.x;  // threads per group
   const int64_t groups_per_block = blockDim.x / tpg;
   const int slot = threadIdx.x / tpg, t = threadIdx.x % tpg;
   const int64_t len = geo.len();
-  T* buf = reinterpret_cast<T*>(smem) + (OnChip ? slot * len : 0);
+  // The h slots (float) first: x's after them stay aligned for any T.
+  const int64_t h_bytes = W && OnChip ? groups_per_block * len * int64_t{sizeof(float)} : 0;
+  float* hbuf = reinterpret_cast<float*>(smem) + (OnChip ? slot * len : 0);
+  T* buf = reinterpret_cast<T*>(smem + h_bytes) + (OnChip ? slot * len : 0);
   // c is uniform over the threads of a group (a warp, or the whole block), so are the barriers.
   for (int64_t c = blockIdx.x * groups_per_block + slot; c < geo.n_groups;
        c += static_cast<int64_t>(gridDim.x) * groups_per_block) {
     if constexpr (OnChip) {
 #pragma unroll 4
-      for (int64_t j = t; j < len; j += tpg) buf[j] = x[geo.offset(c, j)];
+      for (int64_t j = t; j < len; j += tpg) {
+        const int64_t o = geo.offset(c, j);
+        buf[j] = x[o];
+        if constexpr (W) hbuf[j] = h[o];
+      }
       group_sync<TPG>();
     }
     auto value = [&](int64_t j) -> float {
       return static_cast<float>(OnChip ? buf[j] : x[geo.offset(c, j)]);
     };
+    // Element j and (W) its importance w.
+    auto element = [&](int64_t j, float& w) -> float {
+      if constexpr (OnChip) {
+        if constexpr (W) w = hbuf[j];
+        return static_cast<float>(buf[j]);
+      } else {
+        const int64_t o = geo.offset(c, j);
+        if constexpr (W) w = h[o];
+        return static_cast<float>(x[o]);
+      }
+    };
     auto pass = [&](float s) {
-      Totals total;
-      Stats part;
+      Totals<W> total;
+      Stats<W> part;
       int n = 0;
 #pragma unroll 4
       for (int64_t j = t; j < len; j += tpg) {
-        part.add<Signed>(value(j), s);
+        float w = 0.0f;
+        const float v = element(j, w);
+        part.template add<Signed>(v, w, s);
         if (++n == 256) {  // keep float partials short
           total.add(part);
-          part = Stats{};
+          part = Stats<W>{};
           n = 0;
         }
       }
@@ -135,13 +165,15 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 // Whole-tensor solver (cooperative launch). partials: 2 * gridDim.x Totals. Fused, it also
-// writes y and, with WriteMask, the packed PWL mask.
-template <typename T, bool Signed, bool Vec, bool WriteMask>
+// writes y and, with WriteMask, the packed PWL mask. W: weighted by h (x's flat layout; Vec:
+// x, y and h 16-byte aligned).
+template <typename T, bool Signed, bool Vec, bool WriteMask, bool W>
 __global__ void __launch_bounds__(kBlock)
-    octav_tensor_kernel(const T* __restrict__ x, int64_t numel, float* __restrict__ scale_out,
-                        T* __restrict__ y, uint32_t* __restrict__ mask,
-                        Totals* __restrict__ partials, Solver solver, Quantizer qz) {
-  __shared__ Totals scratch[kWarp];
+    octav_tensor_kernel(const T* __restrict__ x, const float* __restrict__ h, int64_t numel,
+                        float* __restrict__ scale_out, T* __restrict__ y,
+                        uint32_t* __restrict__ mask, Totals<W>* __restrict__ partials,
+                        Solver solver, Quantizer qz) {
+  __shared__ Totals<W> scratch[kWarp];
   __shared__ float s_shared;
   cg::grid_group grid = cg::this_grid();
   const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
@@ -149,28 +181,42 @@ __global__ void __launch_bounds__(kBlock)
   int parity = 0;
 
   auto pass = [&](float s) {
-    Totals mine;
+    Totals<W> mine;
     for (int64_t ci = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
          ci < n_chunks; ci += stride) {
       const int64_t k0 = ci * kChunk;
-      Stats part;
+      Stats<W> part;
       if (Vec && k0 + kChunk <= numel) {
         const Chunk<T> v = load_chunk(x + k0);
+        if constexpr (W) {
+          const Chunk<float> w = load_chunk(h + k0);
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) part.add<Signed>(static_cast<float>(v.v[j]), s);
+          for (int j = 0; j < kChunk; ++j) {
+            part.template add<Signed>(static_cast<float>(v.v[j]), w.v[j], s);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            part.template add<Signed>(static_cast<float>(v.v[j]), s);
+          }
+        }
       } else {
         for (int64_t k = k0; k < numel && k < k0 + kChunk; ++k) {
-          part.add<Signed>(static_cast<float>(x[k]), s);
+          if constexpr (W) {
+            part.template add<Signed>(static_cast<float>(x[k]), h[k], s);
+          } else {
+            part.template add<Signed>(static_cast<float>(x[k]), s);
+          }
         }
       }
       mine.add(part);
     }
-    const Totals block = block_sum(mine, scratch);
-    Totals* buf = partials + parity * gridDim.x;
+    const Totals<W> block = block_sum(mine, scratch);
+    Totals<W>* buf = partials + parity * gridDim.x;
     if (threadIdx.x == 0) buf[blockIdx.x] = block;
     parity ^= 1;
     grid.sync();
-    Totals all;  // every block adds the partials in the same order: identical totals
+    Totals<W> all;  // every block adds the partials in the same order: identical totals
     for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) all.add(buf[b]);
     return block_sum(all, scratch);
   };
@@ -192,44 +238,58 @@ __global__ void __launch_bounds__(kBlock)
 
 // masked_sums: item b = c * splits + split reduces elements [split * per, (split + 1) * per)
 // of group c; blocks loop over items (a 1-D grid: gridDim.y would cap the groups at 65535).
-template <typename T, bool Signed>
+// W: weighted by h (read at x's offsets).
+template <typename T, bool Signed, bool W>
 __global__ void __launch_bounds__(kBlock)
-    masked_sums_partial_kernel(const T* __restrict__ x, const float* __restrict__ scale,
-                               Totals* __restrict__ partials, Geometry geo, int64_t splits,
-                               int64_t per) {
-  __shared__ Totals scratch[kWarp];
+    masked_sums_partial_kernel(const T* __restrict__ x, const float* __restrict__ h,
+                               const float* __restrict__ scale, Totals<W>* __restrict__ partials,
+                               Geometry geo, int64_t splits, int64_t per) {
+  __shared__ Totals<W> scratch[kWarp];
   for (int64_t b = blockIdx.x; b < geo.n_groups * splits; b += gridDim.x) {
     const int64_t c = b / splits, split = b % splits;
     const float s = scale[c];
     const int64_t end = std::min(geo.len(), (split + 1) * per);
-    Totals mine;
-    Stats part;
+    Totals<W> mine;
+    Stats<W> part;
     int n = 0;
     for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
-      part.add<Signed>(static_cast<float>(x[geo.offset(c, j)]), s);
+      if constexpr (W) {
+        const int64_t o = geo.offset(c, j);
+        part.template add<Signed>(static_cast<float>(x[o]), h[o], s);
+      } else {
+        part.template add<Signed>(static_cast<float>(x[geo.offset(c, j)]), s);
+      }
       if (++n == 256) {
         mine.add(part);
-        part = Stats{};
+        part = Stats<W>{};
         n = 0;
       }
     }
     mine.add(part);
-    const Totals block = block_sum(mine, scratch);
+    const Totals<W> block = block_sum(mine, scratch);
     if (threadIdx.x == 0) partials[b] = block;
   }
 }
 
-__global__ void masked_sums_finish_kernel(const Totals* __restrict__ partials, int64_t splits,
-                                          int64_t n_groups, float* __restrict__ s_out,
-                                          int64_t* __restrict__ n_in,
-                                          int64_t* __restrict__ n_out) {
+// Adds the partials of each group in order. Counts: int64 n_in, n_out; weighted (W), the float32
+// sums of importance W_in, W_out.
+template <bool W>
+__global__ void masked_sums_finish_kernel(
+    const Totals<W>* __restrict__ partials, int64_t splits, int64_t n_groups,
+    float* __restrict__ s_out, std::conditional_t<W, float, int64_t>* __restrict__ n_in,
+    std::conditional_t<W, float, int64_t>* __restrict__ n_out) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_groups;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Totals t;
+    Totals<W> t;
     for (int64_t k = 0; k < splits; ++k) t.add(partials[c * splits + k]);
     s_out[c] = static_cast<float>(t.s_out);
-    n_in[c] = t.n_in;
-    n_out[c] = t.n_out;
+    if constexpr (W) {
+      n_in[c] = static_cast<float>(t.n_in);
+      n_out[c] = static_cast<float>(t.n_out);
+    } else {
+      n_in[c] = t.n_in;
+      n_out[c] = t.n_out;
+    }
   }
 }
 
@@ -248,54 +308,63 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-// The path solve() takes on the current device.
-SolverPath path_for(const Geometry& geo, int64_t elem_size) {
-  return solver_path(geo.n_groups, geo.len(), elem_size,
+// The path solve() takes on the current device; weighted, an on-chip group also holds its
+// importance (4 bytes an element).
+SolverPath path_for(const Geometry& geo, int64_t elem_size, bool weighted) {
+  return solver_path(geo.n_groups, geo.len(), elem_size + (weighted ? 4 : 0),
                      octav_smem_budget(c10::cuda::current_device()));
 }
 
-// Solves every group; writes y too when it is defined, and the packed PWL mask when that is
-// (whole-tensor path only).
-void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::Tensor& y,
-           at::Tensor& mask, const Geometry& geo, bool is_signed, const Solver& solver_in,
-           const Quantizer& qz) {
+// Solves every group, weighted by h where it is defined (float32 in x's layout); writes y too
+// when it is defined, and the packed PWL mask when that is (whole-tensor path only).
+void solve(const at::Tensor& x, const at::Tensor& h, const at::Tensor& init, at::Tensor& scale,
+           at::Tensor& y, at::Tensor& mask, const Geometry& geo, bool is_signed,
+           const Solver& solver_in, const Quantizer& qz) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   Solver solver = solver_in;
   solver.init = init.numel() > 0 ? init.data_ptr<float>() : nullptr;
   const int64_t len = geo.len();
-  const SolverPath path = path_for(geo, x.element_size());
+  const bool weighted = h.defined();
+  const float* hp = weighted ? h.data_ptr<float>() : nullptr;
+  const SolverPath path = path_for(geo, x.element_size(), weighted);
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "octav_scale", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
     float* sp = scale.data_ptr<float>();
-    const int64_t group_bytes = len * static_cast<int64_t>(sizeof(scalar_t));
-    dispatch_bool(is_signed, [&](auto sg) {
+    dispatch_bool(weighted, [&](auto wt) {
+     constexpr bool W = decltype(wt)::value;
+     // Shared memory of an on-chip group: x, and weighted its importance.
+     const int64_t group_bytes =
+         len * static_cast<int64_t>(sizeof(scalar_t) + (W ? sizeof(float) : 0));
+     dispatch_bool(is_signed, [&](auto sg) {
       constexpr bool S = decltype(sg)::value;
       if (path == SolverPath::kWarpPerGroup) {
         const int64_t smem = kWarpsPerBlock * group_bytes;
-        auto kernel = octav_groups_kernel<scalar_t, S, kWarp, true>;
+        auto kernel = octav_groups_kernel<scalar_t, S, kWarp, true, W>;
         allow_smem(kernel, smem);
         kernel<<<grid_for(geo.n_groups, kWarpsPerBlock), kWarpsPerBlock * kWarp, smem, stream>>>(
-            xp, sp, yp, geo, solver, qz);
+            xp, hp, sp, yp, geo, solver, qz);
       } else if (path == SolverPath::kBlockOnChip) {
         // About 32 elements per thread (fewer threads: cheaper reductions, more groups per SM).
         int threads = 128;
         while (threads < kBlock && threads * 32 < len) threads *= 2;
-        auto kernel = octav_groups_kernel<scalar_t, S, kBlock, true>;
+        auto kernel = octav_groups_kernel<scalar_t, S, kBlock, true, W>;
         allow_smem(kernel, group_bytes);
-        kernel<<<grid_for(geo.n_groups, 1), threads, group_bytes, stream>>>(xp, sp, yp, geo,
+        kernel<<<grid_for(geo.n_groups, 1), threads, group_bytes, stream>>>(xp, hp, sp, yp, geo,
                                                                               solver, qz);
       } else if (path == SolverPath::kBlockGlobal) {
-        octav_groups_kernel<scalar_t, S, kBlock, false>
-            <<<grid_for(geo.n_groups, 1), kBlock, 0, stream>>>(xp, sp, yp, geo, solver, qz);
+        octav_groups_kernel<scalar_t, S, kBlock, false, W>
+            <<<grid_for(geo.n_groups, 1), kBlock, 0, stream>>>(xp, hp, sp, yp, geo, solver, qz);
       } else {
-        const bool vec = aligned16(xp) && (yp == nullptr || aligned16(yp));
+        const bool vec = aligned16(xp) && (yp == nullptr || aligned16(yp)) &&
+                         (hp == nullptr || aligned16(hp));
         uint32_t* mp = mask.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>())
                                       : nullptr;
         dispatch_bool(vec, [&](auto v) {
          dispatch_bool(mp != nullptr, [&](auto m) {
-          auto kernel = octav_tensor_kernel<scalar_t, S, decltype(v)::value, decltype(m)::value>;
+          auto kernel =
+              octav_tensor_kernel<scalar_t, S, decltype(v)::value, decltype(m)::value, W>;
           int per_sm = 0;
           C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
           const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -303,17 +372,18 @@ void solve(const at::Tensor& x, const at::Tensor& init, at::Tensor& scale, at::T
           const int blocks = static_cast<int>(std::max<int64_t>(
               1, std::min<int64_t>(static_cast<int64_t>(per_sm) * sms,
                                    (n_chunks + kBlock * 4 - 1) / (kBlock * 4))));
-          auto partials = at::empty({2 * blocks * static_cast<int64_t>(sizeof(Totals))},
+          auto partials = at::empty({2 * blocks * static_cast<int64_t>(sizeof(Totals<W>))},
                                     x.options().dtype(at::kByte));
-          Totals* pp = reinterpret_cast<Totals*>(partials.data_ptr<uint8_t>());
+          Totals<W>* pp = reinterpret_cast<Totals<W>*>(partials.data_ptr<uint8_t>());
           int64_t numel = len;
-          void* args[] = {(void*)&xp, (void*)&numel, (void*)&sp, (void*)&yp, (void*)&mp,
-                          (void*)&pp, (void*)&solver, (void*)&qz};
+          void* args[] = {(void*)&xp, (void*)&hp, (void*)&numel, (void*)&sp, (void*)&yp,
+                          (void*)&mp, (void*)&pp, (void*)&solver, (void*)&qz};
           C10_CUDA_CHECK(cudaLaunchCooperativeKernel((void*)kernel, blocks, kBlock, args, 0,
                                                      stream));
          });
         });
       }
+     });
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -331,7 +401,8 @@ int64_t octav_smem_budget(int64_t device) {
   if (cached[device] < 0) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     cudaFuncAttributes attr;  // the static shared memory is the same in every instantiation
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, octav_groups_kernel<float, true, kBlock, true>));
+    C10_CUDA_CHECK(
+        cudaFuncGetAttributes(&attr, octav_groups_kernel<float, true, kBlock, true, false>));
     const auto* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
     cached[device] = smem_budget(static_cast<int64_t>(prop->sharedMemPerBlockOptin),
                                  static_cast<int64_t>(attr.sharedSizeBytes));
@@ -342,13 +413,17 @@ int64_t octav_smem_budget(int64_t device) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Tensor& x,
                                                                     const at::Tensor& scale,
                                                                     const Groups& g,
-                                                                    bool is_signed) {
+                                                                    bool is_signed,
+                                                                    const at::Tensor& h) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n_groups = g.n_groups;
+  const bool weighted = h.defined();
+  // Weighted: the sums of importance W_in, W_out (float32) in place of the counts.
+  const auto count_type = weighted ? at::kFloat : at::kLong;
   auto s_out = at::empty({n_groups}, x.options().dtype(at::kFloat));
-  auto n_in = at::empty({n_groups}, x.options().dtype(at::kLong));
-  auto n_out = at::empty({n_groups}, x.options().dtype(at::kLong));
+  auto n_in = at::empty({n_groups}, x.options().dtype(count_type));
+  auto n_out = at::empty({n_groups}, x.options().dtype(count_type));
   const Geometry geo = geometry(g);
   const int64_t len = geo.len();
   // Enough slices to fill the GPU, none shorter than 4 elements per thread.
@@ -357,38 +432,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::masked_sums(const at::Te
       1, std::min<int64_t>((len + kBlock * 4 - 1) / (kBlock * 4),
                            (4 * sms + n_groups - 1) / n_groups));
   const int64_t per = (len + splits - 1) / splits;
-  auto partials = at::empty({n_groups * splits * static_cast<int64_t>(sizeof(Totals))},
-                            x.options().dtype(at::kByte));
-  Totals* pp = reinterpret_cast<Totals*>(partials.data_ptr<uint8_t>());
-  OCTAV_DISPATCH_FLOATING(x.scalar_type(), "masked_sums", [&] {
-    dispatch_bool(is_signed, [&](auto sg) {
-      masked_sums_partial_kernel<scalar_t, decltype(sg)::value>
-          <<<grid_for(n_groups * splits, 1), kBlock, 0, stream>>>(
-              x.data_ptr<scalar_t>(), scale.data_ptr<float>(), pp, geo, splits, per);
+  const float* hp = weighted ? h.data_ptr<float>() : nullptr;
+  dispatch_bool(weighted, [&](auto wt) {
+    constexpr bool W = decltype(wt)::value;
+    using Count = std::conditional_t<W, float, int64_t>;
+    auto partials = at::empty({n_groups * splits * static_cast<int64_t>(sizeof(Totals<W>))},
+                              x.options().dtype(at::kByte));
+    Totals<W>* pp = reinterpret_cast<Totals<W>*>(partials.data_ptr<uint8_t>());
+    OCTAV_DISPATCH_FLOATING(x.scalar_type(), "masked_sums", [&] {
+      dispatch_bool(is_signed, [&](auto sg) {
+        masked_sums_partial_kernel<scalar_t, decltype(sg)::value, W>
+            <<<grid_for(n_groups * splits, 1), kBlock, 0, stream>>>(
+                x.data_ptr<scalar_t>(), hp, scale.data_ptr<float>(), pp, geo, splits, per);
+      });
     });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    masked_sums_finish_kernel<W><<<grid_for(n_groups, 256), 256, 0, stream>>>(
+        pp, splits, n_groups, s_out.data_ptr<float>(), n_in.data_ptr<Count>(),
+        n_out.data_ptr<Count>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  masked_sums_finish_kernel<<<grid_for(n_groups, 256), 256, 0, stream>>>(
-      pp, splits, n_groups, s_out.data_ptr<float>(), n_in.data_ptr<int64_t>(),
-      n_out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {s_out, n_in, n_out};
 }
 
 at::Tensor Kernels::octav_scale(const at::Tensor& x, const at::Tensor& init, const Groups& g,
                                 bool is_signed, double octav_const, int64_t max_iters,
-                                double rtol) {
+                                double rtol, const at::Tensor& h) {
   auto scale = at::empty({g.n_groups}, x.options().dtype(at::kFloat));
   at::Tensor y, mask;
   // max_iters <= kMaxIters (args.h) fits the kernels' int.
-  solve(x, init, scale, y, mask, geometry(g), is_signed,
+  solve(x, h, init, scale, y, mask, geometry(g), is_signed,
         {nullptr, octav_const, rtol, static_cast<int>(max_iters)}, {1.0f, 0.0f, 0.0f});
   return scale;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::octav_fake_quantize(
     const at::Tensor& x, const at::Tensor& init, const Groups& g, int64_t bits, bool is_signed,
-    bool narrow, bool with_mask) {
+    bool narrow, bool with_mask, const at::Tensor& h) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const Geometry geo = geometry(g);
@@ -398,11 +478,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::octav_fake_quantize(
                       static_cast<int>(kDefaultMaxIters)};
   const Quantizer qz{static_cast<float>(lv.L), static_cast<float>(lv.lo),
                      static_cast<float>(lv.hi)};
-  if (with_mask && path_for(geo, x.element_size()) != SolverPath::kWholeTensor) {
+  if (with_mask && path_for(geo, x.element_size(), h.defined()) != SolverPath::kWholeTensor) {
     // Groups are written from shared memory in group order; the mask is written in flat order
     // by the elementwise kernel: solve, then quantize (one more read of x).
     at::Tensor no_y, no_mask;
-    solve(xc, init, scale, no_y, no_mask, geo, is_signed, solver, qz);
+    solve(xc, h, init, scale, no_y, no_mask, geo, is_signed, solver, qz);
     at::Tensor mask;
     at::Tensor y = fake_quantize(xc, scale, g, lv, is_signed, &mask);
     return {y, scale, mask};
@@ -410,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels::octav_fake_quantize(
   auto y = at::empty_like(xc, at::MemoryFormat::Contiguous);
   auto mask = at::empty({with_mask ? (x.numel() + 31) / 32 : 0}, x.options().dtype(at::kInt));
   at::Tensor mask_arg = with_mask ? mask : at::Tensor();
-  solve(xc, init, scale, y, mask_arg, geo, is_signed, solver, qz);
+  solve(xc, h, init, scale, y, mask_arg, geo, is_signed, solver, qz);
   return {y, scale, mask};
 }
 

@@ -6,6 +6,9 @@
 // fake_quantize; each difference and square in double without contraction (the same terms as
 // the reference and the CPU kernel), summed in double. Block (g, split) reduces one slice of
 // group g for all candidates at once; the slices' partials are added by a torch sum.
+// With importance h (SPEC §2.1: float32 in x's layout, fallback applied), each term is
+// double(h) * (d * d), the reference's float64 term; a template parameter, so the unweighted
+// kernel is unchanged.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -15,12 +18,12 @@ namespace {
 constexpr int kMaxCandidates = 8;  // of one _candidate_sse pass (csrc/ops.h; the search uses <= 6)
 constexpr int kSseBlock = 256;
 
-template <typename T>
+template <typename T, bool W>
 __global__ void __launch_bounds__(kSseBlock)
-    candidate_sse_kernel(const T* __restrict__ x, const float* __restrict__ cand,
-                         double* __restrict__ partials, int64_t outer, int64_t n_groups,
-                         int64_t inner, int64_t splits, int64_t per, int K, float L,
-                         float lo, float hi) {
+    candidate_sse_kernel(const T* __restrict__ x, const float* __restrict__ h,
+                         const float* __restrict__ cand, double* __restrict__ partials,
+                         int64_t outer, int64_t n_groups, int64_t inner, int64_t splits,
+                         int64_t per, int K, float L, float lo, float hi) {
   __shared__ double scratch[kSseBlock / kWarp][kMaxCandidates];
   const int64_t len = outer * inner;
   for (int64_t item = blockIdx.x; item < n_groups * splits; item += gridDim.x) {
@@ -35,13 +38,20 @@ __global__ void __launch_bounds__(kSseBlock)
     const int64_t end = std::min(len, (split + 1) * per);
     for (int64_t e = split * per + threadIdx.x; e < end; e += blockDim.x) {
       const int64_t o = outer == 1 ? 0 : e / inner;
-      const float v = static_cast<float>(x[(o * n_groups + g) * inner + (e - o * inner)]);
+      const int64_t at = (o * n_groups + g) * inner + (e - o * inner);
+      const float v = static_cast<float>(x[at]);
       const double vd = v;
+      double hd = 1.0;
+      if constexpr (W) hd = static_cast<double>(h[at]);
 #pragma unroll
       for (int k = 0; k < kMaxCandidates; ++k) {
         if (k >= K) break;  // uniform across the block
         const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
-        acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
+        if constexpr (W) {
+          acc[k] = __dadd_rn(acc[k], __dmul_rn(hd, __dmul_rn(d, d)));
+        } else {
+          acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
+        }
       }
     }
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -63,7 +73,7 @@ __global__ void __launch_bounds__(kSseBlock)
 }  // namespace
 
 at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, const Groups& g,
-                                  const Levels& lv) {
+                                  const Levels& lv, const at::Tensor& h) {
   const int K = static_cast<int>(cand.size(1));  // 1..kMaxCandidates (csrc/ops.h checks it)
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -76,11 +86,14 @@ at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, c
   const int64_t per = (len + splits - 1) / splits;
   auto partials = at::empty({n_groups, splits, K}, x.options().dtype(at::kDouble));
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(n_groups * splits, int64_t{1} << 30));
+  const float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
   OCTAV_DISPATCH_FLOATING(x.scalar_type(), "candidate_sse", [&] {
-    candidate_sse_kernel<scalar_t><<<blocks, kSseBlock, 0, stream>>>(
-        x.data_ptr<scalar_t>(), cand.data_ptr<float>(), partials.data_ptr<double>(), outer,
-        n_groups, inner, splits, per, K, static_cast<float>(lv.L), static_cast<float>(lv.lo),
-        static_cast<float>(lv.hi));
+    dispatch_bool(hp != nullptr, [&](auto wt) {
+      candidate_sse_kernel<scalar_t, decltype(wt)::value><<<blocks, kSseBlock, 0, stream>>>(
+          x.data_ptr<scalar_t>(), hp, cand.data_ptr<float>(), partials.data_ptr<double>(),
+          outer, n_groups, inner, splits, per, K, static_cast<float>(lv.L),
+          static_cast<float>(lv.lo), static_cast<float>(lv.hi));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials.sum(1);

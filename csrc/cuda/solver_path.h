@@ -23,6 +23,8 @@ inline int64_t smem_budget(int64_t optin_per_block, int64_t static_bytes) {
 // Groups of <= kWarpGroupMax elements: a warp each, 8 to a block, in shared memory. Larger
 // groups that fit the budget: a block each, in shared memory. Larger still: a block each over
 // global memory, or, for a single group (per tensor), the cooperative whole-tensor solver.
+// elem_size: the shared-memory bytes of one element (x's element size; 4 more with importance,
+// whose float32 weights are staged next to x).
 inline SolverPath solver_path(int64_t n_groups, int64_t len, int64_t elem_size,
                               int64_t budget) {
   const int64_t bytes = len * elem_size;
