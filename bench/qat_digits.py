@@ -5,8 +5,11 @@ then quantized at 4, 3 and 2 bits (first and last layer at 8 bits, as in the pap
 
   QAT from the fp32 weights, dynamic scales on every step:
     (a) max scaling + STE      (b) OCTAV + PWL      (c) OCTAV + MAD      (d) OCTAV + MPH
+    (g) OCTAV + MPH with weight scales weighted by the inputs' E[x^2] (weight_importance)
+    (h) learned scales (LSQ) started from OCTAV and from weighted OCTAV
   PTQ without training, static scales calibrated on training batches:
-    (e) static OCTAV (mean of the per-batch scales)
+    (e) static OCTAV (mean of the per-batch scales), and refined
+    (g) the same with weighted weight scales
     (f) max, percentile 99.9 / 99.99 / 99.999, and the 100-point MSE sweep
 
 over several seeds, reporting test accuracy (mean ± std), accuracy after BatchNorm
@@ -37,14 +40,23 @@ QAT_METHODS = {  # name: quantize_model arguments
     "(b) OCTAV + PWL": dict(calibrator="octav", grad="pwl"),
     "(c) OCTAV + MAD": dict(calibrator="octav", grad="mad"),
     "(d) OCTAV + MPH": dict(calibrator="octav", grad="mph"),
+    # weight scales weighted by the layer inputs' E[x^2] (SPEC §2.1), and learned scales
+    "(g) weighted OCTAV + MPH": dict(calibrator="octav", grad="mph", weight_importance="input"),
+    "(h) LSQ, OCTAV init": dict(calibrator="octav", mode="learned"),
+    "(h) LSQ, weighted OCTAV init": dict(calibrator="octav", mode="learned",
+                                         weight_importance="input"),
 }
-PTQ_METHODS = {
-    "(e) static OCTAV PTQ": "octav",
-    "(f) max PTQ": "max",
-    "(f) percentile 99.9 PTQ": "percentile:99.9",
-    "(f) percentile 99.99 PTQ": "percentile:99.99",
-    "(f) percentile 99.999 PTQ": "percentile:99.999",
-    "(f) MSE-sweep PTQ": "mse",
+PTQ_METHODS = {  # name: quantize_model arguments of static calibration
+    "(e) static OCTAV PTQ": dict(calibrator="octav"),
+    "(e) static OCTAV + refine PTQ": dict(calibrator="octav:refine"),
+    "(g) weighted OCTAV PTQ": dict(calibrator="octav", weight_importance="input"),
+    "(g) weighted OCTAV + refine PTQ": dict(calibrator="octav:refine",
+                                            weight_importance="input"),
+    "(f) max PTQ": dict(calibrator="max"),
+    "(f) percentile 99.9 PTQ": dict(calibrator="percentile:99.9"),
+    "(f) percentile 99.99 PTQ": dict(calibrator="percentile:99.99"),
+    "(f) percentile 99.999 PTQ": dict(calibrator="percentile:99.999"),
+    "(f) MSE-sweep PTQ": dict(calibrator="mse"),
 }
 
 
@@ -173,8 +185,8 @@ def run(width, seeds, bit_widths, fp32_epochs, qat_epochs, calib_batches, bn_bat
                 ok.reestimate_batchnorm(model, calib, num_batches=bn_batches)
                 acc_bn = accuracy(model, test_data)
                 results.setdefault((method, bits), []).append((acc, acc_bn, ms))
-            for method, calibrator in PTQ_METHODS.items():
-                model = ok.quantize_model(base, bits, mode="static", calibrator=calibrator)
+            for method, cfg in PTQ_METHODS.items():
+                model = ok.quantize_model(base, bits, mode="static", **cfg)
                 ok.calibrate_model(model, calib, num_batches=calib_batches)
                 acc = accuracy(model, test_data)
                 ok.reestimate_batchnorm(model, calib, num_batches=bn_batches)
