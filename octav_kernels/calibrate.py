@@ -53,15 +53,6 @@ def quantization_mse(x: torch.Tensor, scale: torch.Tensor, bits: int, *, signed:
     return _args.as_rows(err, g.dim, g.group_size).mean(1).reshape(g.scale_shape)
 
 
-def _importance_rows(importance, x, g):
-    """The importance per group row, float64, with the SPEC §2.1 fallback (None: none)."""
-    if importance is None:
-        return None
-    h = _args.as_rows(importance.expand(x.shape), g.dim, g.group_size).double()
-    return torch.where(h.sum(1, keepdim=True) > 0, h, torch.ones((), dtype=h.dtype,
-                                                                 device=h.device))
-
-
 def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int | None = None,
                     group_size: int | None = None, narrow: bool = False, points: int = 100,
                     max_elements: int = 1 << 25,
@@ -74,7 +65,8 @@ def mse_sweep_scale(x: torch.Tensor, bits: int, *, signed: bool = True, dim: int
     _args.check_bits(bits)
     _args.check_narrow(narrow, signed)
     g, rows = _rows(x, dim, group_size)
-    weights = _importance_rows(_args.check_importance(importance, x), x, g)
+    weights = reference.importance_rows(_args.check_importance(importance, x), x, g.dim,
+                                        g.group_size)
     s_max = _args.positive_max(rows, signed).reshape(g.scale_shape)
     if rows.numel() == 0:
         return s_max

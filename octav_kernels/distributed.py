@@ -121,12 +121,10 @@ def _global_fallback(importance, x, g, group):
 
 def _weighted_max(x, importance, signed, g, group):
     """The largest magnitude of positive importance per group over all ranks (one max-reduce)."""
-    a = _args.as_rows(x, g.dim, None).float()
-    a = a.abs() if signed else torch.where(torch.isinf(a), torch.inf, a)
+    rows = _args.as_rows(x, g.dim, None)
     h = _args.as_rows(importance.expand(x.shape), g.dim, None)
-    local = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
-    if a.shape[1] > 0:
-        local = torch.where((h > 0) & (a > 0), a, local.unsqueeze(1)).amax(1)
+    local = _args.positive_max(torch.where(h > 0, rows, torch.zeros((), dtype=rows.dtype,
+                                                                    device=rows.device)), signed)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
     return local
 
