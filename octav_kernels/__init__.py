@@ -70,9 +70,12 @@ from .qat import (
     calibration,
     check_finite,
     dequantize_model,
+    load_checkpoint,
     quantize_model,
     quantizers,
     reestimate_batchnorm,
+    save_checkpoint,
+    shard_quantizers,
 )
 
 __all__ = [
@@ -105,6 +108,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_lsq",
     "fake_quantize_tracked",
+    "load_checkpoint",
     "make_calibrator",
     "masked_sums",
     "max_scale",
@@ -119,6 +123,8 @@ __all__ = [
     "quantizers",
     "reestimate_batchnorm",
     "refine_scale",
+    "save_checkpoint",
+    "shard_quantizers",
     "use_backend",
 ]
 __version__ = "0.1.0"

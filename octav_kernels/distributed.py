@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import _args, drivers, ops
 
-__all__ = ["octav_scale", "max_scale", "all_reduce_mean", "all_reduce_max"]
+__all__ = ["octav_scale", "max_scale", "all_reduce_sum", "all_reduce_mean", "all_reduce_max"]
 
 
 def _check_group(group):
@@ -191,6 +191,18 @@ def max_scale(x: torch.Tensor, *, signed: bool = True, dim: int | None = None, g
     local = _args.positive_max(_args.as_rows(x, g.dim, None), signed).reshape(g.scale_shape)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=_check_group(group))
     return local
+
+
+def world_size(group=None) -> int:
+    """The number of ranks of ``group`` (None: the default group)."""
+    return dist.get_world_size(_check_group(group))
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise sum of ``t`` over the ranks (a copy; ``t`` is not modified)."""
+    out = t.clone()
+    dist.all_reduce(out, group=_check_group(group))
+    return out
 
 
 def all_reduce_mean(scale: torch.Tensor, group=None) -> torch.Tensor:

@@ -11,7 +11,9 @@ down this list):
 - ``layers``: ``QuantLayer``, the base of ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``;
 - ``model``: ``quantize_model``, ``dequantize_model``, ``calibrate_model`` / ``calibration``,
   ``reestimate_batchnorm``, ``check_finite``;
-- ``oscillation``: ``Ramp`` schedules and ``OscillationControl``.
+- ``oscillation``: ``Ramp`` schedules and ``OscillationControl``;
+- ``fsdp``: ``shard_quantizers`` (FSDP2 units that keep learned scales float32),
+  ``save_checkpoint`` / ``load_checkpoint`` (``torch.distributed.checkpoint``, N to M ranks).
 
 The two-line QAT change to a training script::
 
@@ -20,6 +22,7 @@ The two-line QAT change to a training script::
 """
 
 from .config import QuantConfig, estimators
+from .fsdp import load_checkpoint, save_checkpoint, shard_quantizers
 from .grid import Grid
 from .layers import QUANTIZED, QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from .model import (
@@ -42,4 +45,4 @@ __all__ = ["FLOAT_BY_DESIGN", "QUANTIZED", "DynamicScale", "Grid", "LearnedScale
            "QuantLayer", "QuantLinear", "Quantizer", "QuantizerExport", "Ramp", "ScalePolicy",
            "StaticScale", "calibrate_model", "calibration", "check_finite", "dequantize_model",
            "estimators", "make_policy", "name_quantizers", "quantize_model", "quantizers",
-           "reestimate_batchnorm"]
+           "load_checkpoint", "reestimate_batchnorm", "save_checkpoint", "shard_quantizers"]

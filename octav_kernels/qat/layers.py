@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .config import QuantConfig
 
 
@@ -18,7 +19,9 @@ class QuantLayer:
     square of each input feature (``E[inp_j**2]``, float32 ``[in_features]`` /
     ``[in_channels]``, a buffer) and ``importance_batches`` (the batches it has seen): an EMA
     (``importance_momentum``) over training forwards, the mean over the batches of
-    calibration; one reduction of the (quantized) input per such forward. Its weight quantizer
+    calibration; one reduction of the (quantized) input per such forward (with the config's
+    ``process_group``, also one all-reduce of ``8 * (in + 1)`` bytes: the mean over every
+    rank's input, so that the weight's scales stay identical on all ranks). Its weight quantizer
     then weights the weight's squared error by it (SPEC §2.1): ``sum_j E[x_j**2] (q_j - w_j)**2``
     is the expected squared error of the layer's output under independent rounding errors."""
 
@@ -34,6 +37,7 @@ class QuantLayer:
             if q is not None:
                 q.to(self.weight.device)
         self.importance_momentum = config.importance_momentum
+        self.importance_group = config.process_group  # whose ranks' inputs it averages
         self.collects_importance = config.weight_importance == "input"
         self._importance_seen = False
         self._importance_calibrating = False
@@ -63,9 +67,15 @@ class QuantLayer:
             raise ValueError(f"{type(self).__name__}: input of shape {list(x.shape)} has "
                              f"{x.shape[dim]} features, expected {self.input_importance.numel()}")
         others = [d for d in range(x.dim()) if d != dim]
-        count = max(1, x.numel() // max(1, x.shape[dim]))
+        count = x.numel() // max(1, x.shape[dim])
         batch = torch.linalg.vector_norm(x, 2, dim=others, dtype=torch.float32).square_()
-        batch = batch.div_(count).to(self.input_importance.device)
+        if self.importance_group is not None:  # over the data-parallel ranks' inputs
+            group = None if self.importance_group == "world" else self.importance_group
+            totals = distributed.all_reduce_sum(
+                torch.cat([batch.double(), torch.tensor([float(count)], device=batch.device,
+                                                        dtype=torch.float64)]), group)
+            batch, count = totals[:-1].float(), float(totals[-1])
+        batch = batch.div_(max(1, count)).to(self.input_importance.device)
         seen = self.importance_batches
         first = seen == 0
         if calibrating:  # the running mean over the batches

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import _args, distributed
 from ..calibrate import Calibrator
@@ -37,6 +38,21 @@ class QuantizerExport:
         if self.frozen is not None and self.frozen.shape == x.shape:
             levels = torch.where(self.frozen, self.frozen_levels.float(), levels)
         return levels
+
+
+class _GlobalGradScale(torch.autograd.Function):
+    """The scale unchanged; its gradient times ``1 / sqrt(world size)``. LSQ's gradient scale
+    ``1 / sqrt(N hi)`` counts the N elements of this rank's input; over data-parallel ranks
+    of equal batches, the whole batch has ``world * N`` (as one process on it would count)."""
+
+    @staticmethod
+    def forward(ctx, scale, factor):
+        ctx.factor = factor
+        return scale.view_as(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
 
 
 class Quantizer(OscillationTracking, nn.Module):
@@ -75,7 +91,10 @@ class Quantizer(OscillationTracking, nn.Module):
 
     ``scale`` (float32, the granularity's shape; empty until set) is a buffer, or with a learned
     scale an ``nn.Parameter``: it is saved in ``state_dict``, moves with ``.to(device)`` and
-    stays float32 when the model is cast to another dtype.
+    stays float32 when the model is cast to another dtype. A learned per-tensor scale is a
+    ``[1]`` Parameter (FSDP2 shards Parameters along dim 0 and rejects 0-dim ones; a 0-dim one
+    of an older checkpoint loads into it); ``kept_scale()`` is the scale in the granularity's
+    shape, as the ops take it.
 
     ``track_oscillations()`` (for weights; ``octav_kernels.OscillationControl`` calls it) adds
     per-element oscillation tracking and freezing to the fake-quant
@@ -130,6 +149,7 @@ class Quantizer(OscillationTracking, nn.Module):
         self._unchecked = 0  # CUDA scale updates since the NaN/inf flag was last read (eager)
         self._uncounted = False  # whether one ran under torch.compile since (not counted)
         self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
+        self._own_scale = None  # the learned scale Parameter it made (not a wrapper's swap)
         self.register_buffer("scale", torch.empty(0))
         # The GPU NaN/inf flag: a plain attribute, not a buffer, so that DDP's buffer broadcast
         # (from rank 0 at every forward) cannot erase what another rank recorded; it follows
@@ -185,27 +205,72 @@ class Quantizer(OscillationTracking, nn.Module):
             return self._learned_set
         return self.scale.numel() > 0 or self.scale.dim() == 0
 
+    def kept_scale(self) -> torch.Tensor:
+        """The kept scale in the granularity's shape, as the ops take it (a view of ``scale``:
+        a learned per-tensor ``[1]`` Parameter is viewed as 0-dim)."""
+        if self.scale.dtype != torch.float32:  # (buffers stay float32: _apply)
+            raise ValueError(
+                f"{self.name}: the learned scale arrives as {self.scale.dtype}, not float32 "
+                "(an FSDP2 MixedPrecisionPolicy casts the Parameters of its unit); wrap the "
+                "quantizers in float32 units first: octav_kernels.shard_quantizers(model)")
+        if self.scale.dim() == 1 and self._per_tensor_parameter():
+            return self.scale.view(())
+        return self.scale
+
+    def _per_tensor_parameter(self) -> bool:
+        """Whether the scale is stored as a ``[1]`` Parameter (learned, per tensor)."""
+        return self.policy.learned and self.dim is None and self.group_size is None
+
+    def _stored_shape(self, shape) -> tuple[int, ...]:
+        """The shape ``scale`` keeps a scale of the granularity's ``shape`` in."""
+        shape = tuple(shape)
+        return (1,) if shape == () and self._per_tensor_parameter() else shape
+
     def set_scale(self, s: torch.Tensor) -> None:
         """Keep ``s`` (float32, the granularity's shape) as the scale; a learned scale stays
         the same Parameter where the shape allows (an optimizer holds it)."""
-        if self.scale.shape != s.shape:  # a buffer, or the Parameter of a shape known only now
-            fresh = s.detach().to(torch.float32, copy=True)
-            self.scale = nn.Parameter(fresh) if self.policy.learned else fresh
+        shape = self._stored_shape(s.shape)
+        if self.policy.learned and self._parameters.get("scale") is not self._own_scale:
+            # FSDP2 swapped the Parameter: its unsharded copy in a forward (a write there is
+            # lost), or its sharded DTensor outside one (written shard by shard).
+            if not isinstance(self.scale, DTensor) or tuple(self.scale.shape) != shape:
+                raise ValueError(
+                    f"{self.name}: a learned scale cannot be set inside a forward of a model "
+                    "sharded by FSDP2 (fully_shard keeps the sharded Parameter); set it before "
+                    "sharding, or after it outside the forward: calibrate_model(model, "
+                    "batches), a training forward of the unsharded model, or load_state_dict")
+            with torch.no_grad():
+                mine = distribute_tensor(s.detach().reshape(shape).to(self.scale.dtype),
+                                         self.scale.device_mesh, self.scale.placements,
+                                         src_data_rank=None)
+                self.scale.to_local().copy_(mine.to_local())
+        elif tuple(self.scale.shape) != shape:  # a buffer, or a Parameter of a shape known now
+            fresh = s.detach().to(torch.float32, copy=True).reshape(shape)
+            if self.policy.learned:
+                self.keep_parameter(nn.Parameter(fresh))
+            else:
+                self.scale = fresh
         elif self.policy.learned:
             with torch.no_grad():
-                self.scale.copy_(s)
+                self.scale.copy_(s.reshape(shape))
         else:  # a buffer: no autograd to stop (the per-step path)
             self.scale.copy_(s.detach())
         if self.policy.learned:
             self.scale_set.fill_(True)
             self._learned_set = True
 
+    def keep_parameter(self, scale: nn.Parameter) -> None:
+        """Make ``scale`` the learned scale Parameter (remembered, so that ``set_scale`` knows
+        a wrapper's swap, FSDP2's, from its own)."""
+        self.scale = scale
+        self.__dict__["_own_scale"] = scale  # (not registered a second time)
+
     def export(self, x: torch.Tensor | None = None) -> QuantizerExport:
         """The grid, scale and frozen levels for deployment (``octav_kernels.deploy``). A
         quantizer without a scale and with ``init_from_input`` computes it from ``x`` (its
         input, e.g. the weight) without keeping it, as its eval forward would."""
         if self.initialized:
-            scale = self.scale.detach()
+            scale = self.kept_scale().detach()
         elif self.init_from_input and x is not None:
             scale = self.scale_of(x)
         else:
@@ -231,17 +296,25 @@ class Quantizer(OscillationTracking, nn.Module):
         saved_tracking = prefix + "osc_last_int" in state_dict
         if saved_tracking and not self.tracking:
             self.track_oscillations(extra.get("momentum") or 0.01)
+        saved = state_dict.get(prefix + "scale")
+        if isinstance(saved, torch.Tensor) and saved.numel() == 1 and saved.dim() <= 1 and (
+                self.dim is None and self.group_size is None):  # a per-tensor scale: 0-dim,
+            state_dict[prefix + "scale"] = saved.reshape(self._stored_shape(()))  # or [1]
         for name in ("scale", *(OSC_BUFFERS if self.tracking else ())):
             saved, mine = state_dict.get(prefix + name), getattr(self, name)
             if name != "scale" and not saved_tracking:  # an untracked checkpoint: start over
                 saved = torch.empty(0)
             if isinstance(saved, torch.Tensor) and saved.shape != mine.shape:
                 fresh = torch.empty(saved.shape, dtype=mine.dtype, device=mine.device)
-                if isinstance(mine, nn.Parameter) or (name == "scale" and self.policy.learned):
-                    fresh = nn.Parameter(fresh)
-                setattr(self, name, fresh)
+                if name == "scale" and (isinstance(mine, nn.Parameter) or self.policy.learned):
+                    self.keep_parameter(nn.Parameter(fresh))
+                else:
+                    setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        mine = self._parameters.get("scale")
+        if mine is not None and not isinstance(mine, DTensor):  # (assign=True: a new one)
+            self.keep_parameter(mine)
         if self.policy.learned and prefix + "scale_set" in state_dict:
             self._learned_set = bool(self.scale_set)
         if self.tracking and not saved_tracking:  # the state restarts at the next forward
@@ -298,11 +371,15 @@ class Quantizer(OscillationTracking, nn.Module):
                     f"{self.name}: no scale yet; train it (mode='dynamic') or calibrate it "
                     "(octav_kernels.calibrate_model) before using it in eval / static mode")
             self.set_scale(self.scale_of(x, importance=importance))
-        return self.fake_quantize(x, self.scale)
+        return self.fake_quantize(x, self.kept_scale())
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized with ``scale``: the tracked op when oscillations are tracked,
         the LSQ op for a learned scale in training, else ``fake_quantize``."""
+        if (self.policy.learned and self.training and self.policy.grad_scale
+                and self.policy.process_group is not None):
+            world = distributed.world_size(self.policy.group)
+            scale = _GlobalGradScale.apply(scale, float(world) ** -0.5)
         if self.tracking:
             return self._fake_quantize_tracked(x, scale)
         if self.policy.learned and self.training:
@@ -352,7 +429,7 @@ class Quantizer(OscillationTracking, nn.Module):
         if shape is None:  # (the layout of each input shape is worked out once)
             shape = _args.groups(x, self.dim, self.group_size).scale_shape
             self._scale_shapes[x.shape] = shape
-        return self.initialized and tuple(self.scale.shape) == shape
+        return self.initialized and tuple(self.scale.shape) == self._stored_shape(shape)
 
     def _signed_for(self, x) -> bool:
         if self.signed is None:

@@ -109,7 +109,7 @@ class DynamicScale(ScalePolicy):
         self.every = every
 
     def training_forward(self, q, x, importance=None):
-        init = q.scale if q.scale_fits(x) else None
+        init = q.kept_scale() if q.scale_fits(x) else None
         if self.every > 1:
             q.steps += 1
             if init is not None and (q.steps - 1) % self.every != 0:
@@ -133,7 +133,8 @@ class LearnedScale(ScalePolicy):
 
     Args:
         grad_scale: multiply the scale's gradient by LSQ's gradient scale ``1 / sqrt(N hi)``
-            (N elements per group).
+            (N elements per group; with a ``process_group``, N counts the elements of all
+            ranks' inputs, taken to be batches of the same size: ``world *`` the local N).
         scale_shape: the scale's shape, so that the Parameter exists (for the optimizer)
             before the first forward; per tensor it is ``()`` without saying. Otherwise the
             Parameter appears at the first training forward (build the optimizer after it).
@@ -156,13 +157,13 @@ class LearnedScale(ScalePolicy):
         if shape is None and q.dim is None and q.group_size is None:
             shape = ()
         if shape is not None:
-            q.scale = nn.Parameter(torch.zeros(shape))
+            q.keep_parameter(nn.Parameter(torch.zeros(q._stored_shape(shape))))
 
     def training_forward(self, q, x, importance=None):
         if not q.initialized:  # the first training forward: the calibrator's scale (weighted)
             q.set_scale(q.scale_of(x, importance=importance))
         q.check_learned()
-        return q.fake_quantize(x, q.scale)
+        return q.fake_quantize(x, q.kept_scale())
 
 
 

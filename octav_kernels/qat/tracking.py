@@ -5,6 +5,7 @@ the state buffers and what reads or writes them. ``Quantizer`` inherits it;
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 from .. import _args
 from ..ops.oscillation import OscillationState, dampening_loss, fake_quantize_tracked
@@ -92,16 +93,38 @@ class OscillationTracking:
             return 0.0
         return float(((self.osc_freq > threshold) & ~self.osc_frozen).float().mean())
 
+    def local_part(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """``(w's elements this rank holds, their scale, their rows)``: ``w`` itself, the
+        kept scale and all rows; or for FSDP2's shard of ``w`` (a ``DTensor`` sharded on dim 0,
+        outside the sharded forward) its local rows (``to_local``, differentiable) and the
+        scale of those rows (per channel along dim 0 and per block: rows of the scale)."""
+        scale = self.kept_scale()
+        if not isinstance(w, DTensor):
+            return w, scale, slice(None)
+        if tuple(w.placements) != (Shard(0),):
+            raise ValueError(f"{self.name}: a DTensor weight must be sharded along dim 0 on a "
+                             f"1-D mesh (FSDP2), got placements {w.placements}")
+        local = w.to_local()
+        per = -(-w.shape[0] // w.device_mesh.size())  # torch.chunk's rows per rank
+        lo = min(w.device_mesh.get_local_rank() * per, w.shape[0])
+        rows = slice(lo, lo + local.shape[0])
+        if self.dim == 0 or self.group_size is not None:
+            shape = _args.groups(local, self.dim, self.group_size).scale_shape
+            scale = scale.reshape(w.shape[0], -1)[rows].reshape(shape)
+        return local, scale, rows
+
     def write_frozen(self, w: torch.Tensor) -> int:
         """Set the frozen elements of ``w`` (this quantizer's input, e.g. the layer's weight
-        viewed as it quantizes it) to their kept level on the current grid, in place; returns
-        how many were set."""
+        viewed as it quantizes it; under FSDP2 the rows of this rank's shard) to their kept
+        level on the current grid, in place; returns how many were set (all ranks')."""
         if not self.tracking or self.osc_frozen.shape != w.shape:
             return 0
         grid = self.grid
         with torch.no_grad():
-            kept = grid.dequantize(self.osc_last_int, grid.step(self.scale)).to(w.dtype)
-            w.copy_(torch.where(self.osc_frozen, kept, w))
+            local, scale, rows = self.local_part(w)
+            frozen = self.osc_frozen[rows]
+            kept = grid.dequantize(self.osc_last_int[rows], grid.step(scale)).to(local.dtype)
+            local.copy_(torch.where(frozen, kept, local))
         return int(self.osc_frozen.sum())
 
     def dampening_loss(self, w: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -111,9 +134,16 @@ class OscillationTracking:
             raise RuntimeError(f"{self.name}: no scale yet; the dampening loss needs one "
                                "(run a training forward first)")
         # Copies: the next training forward updates the scale and the frozen set in place, and
-        # this loss's backward must still see the ones it was computed with.
-        frozen = (self.osc_frozen.clone()
-                  if self.tracking and self.osc_frozen.shape == w.shape else None)
-        return dampening_loss(w, self.scale.clone(), self.bits, signed=bool(self.signed),
+        # this loss's backward must still see the ones it was computed with. Under FSDP2 the
+        # loss is that of this rank's rows (the ranks' losses sum to the whole weight's), and
+        # its gradient goes to the shard directly, not through FSDP's averaging.
+        tracked = self.tracking and self.osc_frozen.shape == w.shape
+        numel = w.numel()
+        w, scale, rows = self.local_part(w)
+        frozen = self.osc_frozen[rows].clone() if tracked else None
+        loss = dampening_loss(w, scale.clone(), self.bits, signed=bool(self.signed),
                               dim=self.dim, group_size=self.group_size, narrow=self.narrow,
                               reduction=reduction, frozen=frozen)
+        if reduction == "mean" and w.numel() != numel:  # this shard's part of the mean
+            loss = loss * (w.numel() / numel)
+        return loss
