@@ -111,7 +111,8 @@ def state_bytes(model) -> dict:
     """This rank's bytes of Parameters (local shards) and of buffers, by kind."""
     params = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes
                  for p in model.parameters())
-    osc = sum(b.nbytes for n, b in model.named_buffers()
+    osc = sum((b.to_local() if hasattr(b, "to_local") else b).nbytes
+              for n, b in model.named_buffers()
               if ".osc_" in n and not n.endswith("osc_threshold"))
     return {"params": params, "oscillation": osc}
 
@@ -169,6 +170,11 @@ def _bad_setups(x) -> dict[str, str]:
         ok.shard_quantizers(build("learned", "world"))
     except ValueError as e:
         errors["shard_unset"] = str(e)
+    # The other order: shard, then quantize.
+    try:
+        ok.quantize_model(shard(torch.nn.Sequential(torch.nn.Linear(4, 4))))
+    except ValueError as e:
+        errors["shard_first"] = str(e)
     return errors
 
 
@@ -291,13 +297,13 @@ def test_mixed_precision_keeps_learned_scales_float32(runs):
                                atol=0)
 
 
-def test_oscillation_state_is_replicated(runs):
-    """Measured, not yet sharded: the tracking buffers are 11 bytes per weight on every rank,
-    against the 4 / N bytes of the weight's shard."""
-    for world in (2, 3):
-        b = runs[world]["tracked"]["bytes"]
-        weights = 16 * 32 + 32 * 24 + 24 * 5
-        assert b["oscillation"] == 11 * weights
+@pytest.mark.parametrize("world", [2, 3])
+def test_oscillation_state_is_sharded_like_the_weight(runs, world):
+    """Each rank keeps 11 bytes of tracking state per weight of its own rows only (torch.chunk
+    of each weight's rows, as FSDP2 shards them)."""
+    rank0_rows = [-(-rows // world) for rows in (32, 24, 5)]
+    local = sum(r * cols for r, cols in zip(rank0_rows, (16, 32, 24)))
+    assert runs[world]["tracked"]["bytes"]["oscillation"] == 11 * local
 
 
 def test_bad_setups_raise_naming_the_module(runs):
@@ -307,6 +313,7 @@ def test_bad_setups_raise_naming_the_module(runs):
         "learned_unset"]
     assert "bfloat16" in errors["bf16_scale"] and "shard_quantizers" in errors["bf16_scale"]
     assert "set the learned scale before sharding" in errors["shard_unset"]
+    assert "already sharded by FSDP2" in errors["shard_first"]
 
 
 def test_old_zero_dim_learned_scale_loads():

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from .config import QuantConfig
 from .layers import QUANTIZED, QuantLayer
@@ -56,6 +57,10 @@ def quantize_model(model: nn.Module, bits: int | None = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    sharded = [name or "model" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if sharded:  # (fully_shard changed their classes: no layer would be recognized)
+        raise ValueError(f"quantize_model: {', '.join(sharded[:3])} already sharded by FSDP2 "
+                         "(fully_shard); quantize the model first, then shard it")
     skip = tuple(skip)
     for item in skip:
         if not isinstance(item, (str, type)):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .. import _args
 from ..ops.oscillation import REDUCTIONS
@@ -145,7 +146,15 @@ class OscillationControl:
         self.steps = 0
         for q in self.quantizers:
             q.track_oscillations(self.momentum)
+        self._shard_state()
         self._apply_threshold()
+
+    def _shard_state(self) -> None:
+        """Shard the state of the weights FSDP2 has sharded since (``shard_tracking``)."""
+        for layer in self.layers:
+            q = layer.weight_quantizer
+            if q._shard is None and isinstance(layer.weight, DTensor):
+                q.shard_tracking(layer.weight_as_quantized())
 
     def _apply_threshold(self) -> None:
         threshold = self.freeze(self.steps) if self.freeze is not None else 0.0
@@ -155,6 +164,7 @@ class OscillationControl:
     def step(self) -> None:
         """Advance the schedules by one training step."""
         self.steps += 1
+        self._shard_state()
         self._apply_threshold()
 
     @property

@@ -280,8 +280,8 @@ class Quantizer(OscillationTracking, nn.Module):
             raise ValueError(f"{self.name}: its scale is not finite")
         grid = self.grid
         if self.tracking and self.osc_frozen.numel() > 0:
-            return QuantizerExport(grid, scale, self.osc_frozen.clone(),
-                                   self.osc_last_int.clone())
+            return QuantizerExport(grid, scale, self._full_state("osc_frozen").clone(),
+                                   self._full_state("osc_last_int").clone())
         return QuantizerExport(grid, scale)
 
     def get_extra_state(self) -> dict:
