@@ -77,3 +77,18 @@ def test_qat_lm_pretrain_cache_quick(tmp_path):
                           "--cache-dir", str(ROOT / "bench")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "inside the repository" in bad.stderr
+
+
+def test_fsdp_example_matches_one_process(tmp_path):
+    """bench/fsdp_qat.py, small: every float32 mode ends within 1e-5 of one process."""
+    out = tmp_path / "t.md"
+    proc = subprocess.run([sys.executable, "bench/fsdp_qat.py", "--width", "16", "--steps", "3",
+                           "--batch", "8", "--blocks", "1", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")]
+    assert len(rows) == 5
+    for row in rows:
+        if "bf16" not in row[0]:
+            assert float(row[1]) < 1e-5, row
