@@ -125,6 +125,9 @@ def _worker(rank: int, world: int, store: str, out: str, load_from: str | None,
     x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
     r = {}
     if train_too:
+        model = shard(build("dynamic", "world"))
+        model(x)  # one training forward: the scales of the same weights and batch
+        r["first_scales"] = {q: m.scale.clone() for q, m in ok.quantizers(model)}
         for name in SCENARIOS:
             model = shard(build(name, "world"))
             control = prepare(name, model, x)
@@ -170,6 +173,11 @@ def _bad_setups(x) -> dict[str, str]:
         ok.shard_quantizers(build("learned", "world"))
     except ValueError as e:
         errors["shard_unset"] = str(e)
+    # A learned scale whose Parameter would appear at the first (sharded) forward.
+    try:
+        ok.QuantAct(4, mode="learned", dim=1, signed=True).train()(x)
+    except ValueError as e:
+        errors["late_parameter"] = str(e)
     # The other order: shard, then quantize.
     try:
         ok.quantize_model(shard(torch.nn.Sequential(torch.nn.Linear(4, 4))))
@@ -252,6 +260,21 @@ def test_sharded_training_equals_one_process(runs, world, name):
         assert got["frozen"] == pytest.approx(sum(control.frozen_fraction().values()))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_first_forward_scales(runs, world):
+    """Weight scales come from the all-gathered weight: bit for bit one process's. The input
+    scales' masked sums are all-reduced in another order: within the op's tolerance."""
+    x, _ = data()
+    model = build("dynamic", None)
+    model(x)
+    for name, q in ok.quantizers(model):
+        got = runs[world]["first_scales"][name]
+        if "weight" in name:
+            assert torch.equal(got, q.scale), name
+        else:
+            assert_scale_close(got, q.scale, torch.float32)
+
+
 def test_dynamic_input_scales_need_the_process_group(runs):
     """Without process_group each rank's input scales come from its own share."""
     _, losses, _ = one_process("dynamic")
@@ -314,6 +337,7 @@ def test_bad_setups_raise_naming_the_module(runs):
     assert "bfloat16" in errors["bf16_scale"] and "shard_quantizers" in errors["bf16_scale"]
     assert "set the learned scale before sharding" in errors["shard_unset"]
     assert "already sharded by FSDP2" in errors["shard_first"]
+    assert "give its scale_shape" in errors["late_parameter"]
 
 
 def test_old_zero_dim_learned_scale_loads():

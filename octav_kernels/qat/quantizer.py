@@ -247,6 +247,12 @@ class Quantizer(OscillationTracking, nn.Module):
         elif tuple(self.scale.shape) != shape:  # a buffer, or a Parameter of a shape known now
             fresh = s.detach().to(torch.float32, copy=True).reshape(shape)
             if self.policy.learned:
+                if (self._own_scale is None and torch.distributed.is_initialized()
+                        and torch.distributed.get_world_size() > 1):
+                    raise ValueError(
+                        f"{self.name}: a learned scale whose shape is known only at the first "
+                        "forward would be a Parameter that DDP / FSDP2 (wrapped before) do not "
+                        "synchronize; give its scale_shape so that it exists before wrapping")
                 self.keep_parameter(nn.Parameter(fresh))
             else:
                 self.scale = fresh
