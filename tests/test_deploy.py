@@ -166,6 +166,9 @@ def test_convert_equals_qat_eval_and_onnx_runtime_agrees(kind, bits, gran, grid)
     types = {t.name: t.data_type for t in proto.graph.initializer if t.name.endswith("_quantized")}
     expected_type = onnx.TensorProto.INT4 if bits <= 4 else onnx.TensorProto.INT8
     assert len(types) == layers and set(types.values()) == {expected_type}
+    for t in proto.graph.initializer:  # compact storage: one byte per int8 level, raw
+        if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8:
+            assert len(t.raw_data) == math.prod(t.dims) and len(t.int32_data) == 0, t.name
 
 
 @pytest.mark.parametrize("make,shape", [

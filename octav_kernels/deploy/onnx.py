@@ -228,8 +228,14 @@ def _integer_weight(onnx, graph, name: str, layer: _QuantizedLayer, opset: int) 
         if dtype == TensorProto.INT32:
             raise ValueError(f"{name}: {grid.bits}-bit unsigned weights have no ONNX integer "
                              "type DequantizeLinear takes")
-    quantized = helper.make_tensor(f"{name}_quantized", dtype, list(levels.shape),
-                                   levels.reshape(-1).tolist())
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):  # (packed two to a byte by onnx)
+        quantized = helper.make_tensor(f"{name}_quantized", dtype, list(levels.shape),
+                                       levels.reshape(-1).tolist())
+    else:  # raw_data: one byte per int8 level (a list would be stored as int32 varints)
+        numpy_dtype = {TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
+                       TensorProto.INT16: "int16"}[dtype]
+        quantized = numpy_helper.from_array(levels.cpu().numpy().astype(numpy_dtype),
+                                            f"{name}_quantized")
     step = layer.weight_step.detach().cpu()
     scale = numpy_helper.from_array(step.numpy(), f"{name}_scale")
     attrs = {}
