@@ -18,7 +18,8 @@ all of them. QAT (``octav_kernels.qat``): ``Quantizer``, ``QuantAct``, ``QuantLi
 ``OscillationControl`` / ``Ramp``; the scale policies ``octav_kernels.qat.DynamicScale``,
 ``StaticScale``, ``LearnedScale``, and ``Grid`` / ``Quantizer.export`` (what deploy reads).
 Deployment (``octav_kernels.deploy``): ``convert_model`` (integer weights: ``QuantizedLinear``,
-``QuantizedConv1d``, ``QuantizedConv2d``, ``QuantizedAct``) and ``export_onnx`` (QDQ ONNX).
+``QuantizedConv1d``, ``QuantizedConv2d``, ``QuantizedAct``), ``export_onnx`` (ONNX for ONNX
+Runtime's integer kernels, or QDQ) and ``to_torchao`` (torchao weight tensors).
 Data split across ranks:
 ``octav_kernels.distributed``.
 Backend control (tests, debugging): ``use_backend`` / ``OCTAV_BACKEND``.
@@ -39,12 +40,14 @@ from .calibrate import (
     quantization_mse,
 )
 from .deploy import (
+    OrtFallbackWarning,
     QuantizedAct,
     QuantizedConv1d,
     QuantizedConv2d,
     QuantizedLinear,
     convert_model,
     export_onnx,
+    to_torchao,
 )
 from .ops import (
     OscillationState,
@@ -83,6 +86,7 @@ __all__ = [
     "MSESweepCalibrator",
     "MaxCalibrator",
     "OscillationControl",
+    "OrtFallbackWarning",
     "OscillationState",
     "OctavCalibrator",
     "PercentileCalibrator",
@@ -125,6 +129,7 @@ __all__ = [
     "refine_scale",
     "save_checkpoint",
     "shard_quantizers",
+    "to_torchao",
     "use_backend",
 ]
 __version__ = "0.1.0"

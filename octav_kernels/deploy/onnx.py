@@ -15,6 +15,12 @@ The graph is traced by PyTorch's TorchScript-based ONNX exporter from a copy of 
 converted layers hold their dequantized weight as a float Parameter (named ``<layer>.weight``)
 and whose quantizers are one ``QDQ`` node group each; the weight initializers are then replaced
 by the integer ones and their ``DequantizeLinear``.
+
+``target="ort"`` (the default) writes the layers that ONNX Runtime has integer kernels for as
+those kernels' nodes instead (``deploy/ort.py``: ``MatMulIntegerToFloat``, ``ConvInteger``,
+``com.microsoft.MatMulNBits``), on the same integer levels and steps; every other layer stays
+in the QDQ form above, with an ``OrtFallbackWarning`` naming it. ``target="qdq"``: the QDQ
+form for every layer (a graph any ONNX runtime runs; ONNX Runtime runs it in float).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import nn
 from ..qat.layers import QuantLayer
 from ..qat.model import parent_of
 from ..qat.quantizer import Quantizer
+from . import ort
 from .quantized import (
     Grid,
     QuantizedAct,
@@ -40,6 +47,12 @@ from .quantized import (
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+TARGETS = ("ort", "qdq")
+
+
+class OrtFallbackWarning(UserWarning):
+    """``export_onnx(target="ort")`` wrote a layer in the QDQ form: ONNX Runtime runs it in
+    float (the message names the layer and says why)."""
 
 
 def _onnx():
@@ -142,19 +155,95 @@ class _ExportLayer(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1]) if y.dim() != len(shape) else y
 
 
-def export_onnx(model: nn.Module, args, path, *, opset: int | None = None,
+class _OrtNode(torch.autograd.Function):
+    """One layer as ONNX Runtime's integer-kernel nodes (``ort.integer_symbolic`` or
+    ``ort.nbits_symbolic``). Traced with example inputs only for the graph, it computes the
+    converted layer's output (``fn``) in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, x, spec, fn):
+        return fn(x)
+
+    @staticmethod
+    def symbolic(g, x, spec, fn):
+        if isinstance(spec, ort.NBitsSpec):
+            return ort.nbits_symbolic(g, x, spec)
+        return ort.integer_symbolic(g, x, spec)
+
+
+class _ExportOrt(nn.Module):
+    """A converted layer that ``ort.plan`` gives an integer kernel, as the exporter sees it."""
+
+    def __init__(self, layer: _QuantizedLayer, kind: str, accuracy_level: int, opset: int,
+                 name: str):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule (its buffers stay out)
+        if kind == "integer":
+            self.spec = ort.integer_spec(layer)
+            self.input = None  # QuantizeLinear is one of the kernel's nodes
+        else:
+            self.spec = ort.nbits_spec(layer, accuracy_level)
+            self.input = (_ExportQDQ(layer.input_quantizer, opset, f"{name}.input_quantizer")
+                          if layer.input_quantizer is not None else None)
+
+    def forward(self, x):
+        layer = self.layer
+        if self.input is not None:
+            x = self.input(x)
+        if not isinstance(layer, QuantizedLinear) and layer.padding_mode != "zeros":
+            # An ONNX Pad before the kernel (which then pads nothing): quantizing is elementwise,
+            # so padding the float input first leaves the codes as the converted layer's.
+            x = nn.functional.pad(x, layer._reversed_padding_repeated_twice,
+                                  mode=layer.padding_mode)
+        return _OrtNode.apply(x, self.spec, self._converted)
+
+    def _converted(self, x):
+        """The converted layer's output for ``x`` (padded already where ``padding_mode`` is
+        not "zeros"; through the input quantizer already for MatMulNBits)."""
+        layer = self.layer
+        if self.input is None:
+            x = layer.quantized_input(x)
+        weight = layer.dequantized_weight()
+        bias = self.spec.bias
+        if isinstance(layer, QuantizedLinear):
+            return nn.functional.linear(x, weight, bias)
+        padding = layer.padding if layer.padding_mode == "zeros" else 0
+        return type(layer)._conv(x, weight, bias, layer.stride, padding, layer.dilation,
+                                 layer.groups)
+
+
+def export_onnx(model: nn.Module, args, path, *, target: str = "ort",
+                accuracy_level: int = ort.DEFAULT_ACCURACY_LEVEL, opset: int | None = None,
                 input_names: list[str] | None = None, output_names: list[str] | None = None,
                 dynamic_axes: dict | None = None):
     """Write ``model`` (a converted model, or a QAT model in eval, which is converted first) as
-    a QDQ ONNX graph to ``path`` (a file path or a writable binary file); returns the
+    an ONNX graph to ``path`` (a file path or a writable binary file); returns the
     ``onnx.ModelProto``, which passes ``onnx.checker``.
 
-    ``args`` are example inputs (a tensor or a tuple); ``opset`` defaults to 21 (INT4 weights,
-    blocked ``DequantizeLinear``); from 13 up, per-block weights or inputs and quantizers of
-    more than 8 bits need 21, and 2-4-bit weights are stored in INT8 below 21 (still exact).
-    ``input_names``, ``output_names``, ``dynamic_axes``: as in ``torch.onnx.export``.
+    ``target="ort"`` (default): ONNX Runtime's integer kernels where it has one for a layer
+    (``octav_kernels.deploy.ort``: ``MatMulIntegerToFloat`` / ``ConvInteger`` for inputs
+    quantized per tensor to at most 8 bits with weights of at most 8 bits per tensor or per
+    output channel, exact up to float32 roundings; ``com.microsoft.MatMulNBits`` for other
+    Linear weights of at most 8 bits), the QDQ form elsewhere, each such layer named in an
+    ``OrtFallbackWarning``. ``accuracy_level`` is ``MatMulNBits``' (4, default: the input
+    quantized to int8 per block inside the kernel, fast and approximate; 0: float32).
+    ``target="qdq"``: ``DequantizeLinear`` + the float op for every layer (any runtime; ONNX
+    Runtime runs it in float). ``args`` are example inputs (a tensor or a tuple); ``opset``
+    defaults to 21 (INT4 weights, blocked ``DequantizeLinear``); from 13 up, per-block weights
+    or inputs and quantizers of more than 8 bits in the QDQ form need 21, and 2-4-bit QDQ
+    weights are stored in INT8 below 21 (still exact). ``input_names``, ``output_names``,
+    ``dynamic_axes``: as in ``torch.onnx.export``.
     """
     onnx = _onnx()
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str, got {type(target).__name__}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got "
+                         f"{target!r}")
+    if (isinstance(accuracy_level, bool) or not isinstance(accuracy_level, int)
+            or accuracy_level not in ort.ACCURACY_LEVELS):
+        raise ValueError(f"accuracy_level must be one of {ort.ACCURACY_LEVELS}, got "
+                         f"{accuracy_level!r}")
     if opset is None:
         opset = DEFAULT_OPSET
     if isinstance(opset, bool) or not isinstance(opset, int):
@@ -168,35 +257,52 @@ def export_onnx(model: nn.Module, args, path, *, opset: int | None = None,
     else:
         model = copy.deepcopy(model)
     model.eval()
-    weights = _swap_for_export(model, opset)
+    weights, fallbacks = _swap_for_export(model, opset, target, accuracy_level)
     args = args if isinstance(args, tuple) else (args,)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
         warnings.simplefilter("ignore")
         torch.onnx.export(model, args, buffer, dynamo=False, opset_version=opset,
                           do_constant_folding=False, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes)
+                          output_names=output_names, dynamic_axes=dynamic_axes,
+                          custom_opsets={ort.CONTRIB_DOMAIN: 1} if any(
+                              isinstance(m, _ExportOrt) and isinstance(m.layer, QuantizedLinear)
+                              for m in model.modules()) else None)
     proto = onnx.load_from_string(buffer.getvalue())
     for name, layer in weights.items():
         _integer_weight(onnx, proto.graph, f"{name}.weight", layer, opset)
+    if target == "ort" and opset >= 21:
+        ort.compact_codes(proto.graph)
     onnx.checker.check_model(proto, full_check=True)
     if hasattr(path, "write"):
         path.write(proto.SerializeToString())
     else:
         onnx.save(proto, str(path))
+    for name, why in fallbacks.items():
+        warnings.warn(f"export_onnx(target='ort'): {name} runs in float in ONNX Runtime (QDQ "
+                      f"form): {why}", OrtFallbackWarning, stacklevel=2)
     return proto
 
 
-def _swap_for_export(model: nn.Module, opset: int) -> dict[str, _QuantizedLayer]:
+def _swap_for_export(model: nn.Module, opset: int, target: str, accuracy_level: int
+                     ) -> tuple[dict[str, _QuantizedLayer], dict[str, str]]:
     """Replaces converted layers and standalone quantizers by their export forms; returns the
-    converted layers by path. The model itself may be one converted layer (path "")."""
-    layers = {}
+    converted layers in the QDQ form by path, and for ``target="ort"`` why each of them is not
+    an integer kernel."""
+    layers, done, fallbacks = {}, [], {}
     for name, module in list(model.named_modules()):
-        if any(name.startswith(p + ".") for p in layers) or not name:
+        if any(name.startswith(p + ".") for p in done) or not name:
             continue
         if isinstance(module, _QuantizedLayer):
-            layers[name] = module
+            done.append(name)
             parent, attr = parent_of(model, name)
+            kind, why = ort.plan(module) if target == "ort" else (None, "")
+            if kind is not None:
+                setattr(parent, attr, _ExportOrt(module, kind, accuracy_level, opset, name))
+                continue
+            if target == "ort":
+                fallbacks[name] = why
+            layers[name] = module
             setattr(parent, attr, _ExportLayer(module, opset, name))
         elif isinstance(module, QuantizedAct):
             parent, attr = parent_of(model, name)
@@ -204,8 +310,7 @@ def _swap_for_export(model: nn.Module, opset: int) -> dict[str, _QuantizedLayer]
     if isinstance(model, (_QuantizedLayer, QuantizedAct)):
         raise ValueError("model is itself a single converted layer; wrap it in a container "
                          "(e.g. nn.Sequential) to export it")
-    return {name: layer.layer if isinstance(layer, _ExportLayer) else layer
-            for name, layer in layers.items()}
+    return layers, fallbacks
 
 
 def _integer_weight(onnx, graph, name: str, layer: _QuantizedLayer, opset: int) -> None:
