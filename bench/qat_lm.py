@@ -48,6 +48,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -335,7 +336,8 @@ def torchao_recipes(model, bits, gran, act_bits):
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (also what ``bench/bench_deploy.py`` passes to get the same models)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the markdown table here")
@@ -374,16 +376,32 @@ def main(argv=None):
         args.round_steps, args.cooldown_steps, args.max_pretrain_steps = 2, 2, 6
         if args.pretrain_steps is not None:
             args.pretrain_steps = min(args.pretrain_steps, 4)
-    use_cache = not args.no_cache and not (args.quick and args.cache_dir is None)
-    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
-    if use_cache and cache_dir.is_relative_to(ROOT):
-        parser.error(f"--cache-dir {cache_dir} is inside the repository {ROOT}")
-    configs = CONFIGS[:1] + CONFIGS[-1:] if args.quick else CONFIGS
+    args.use_cache = not args.no_cache and not (args.quick and args.cache_dir is None)
+    args.cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    if args.use_cache and args.cache_dir.is_relative_to(ROOT):
+        parser.error(f"--cache-dir {args.cache_dir} is inside the repository {ROOT}")
+    return args
+
+
+@dataclass
+class Pretrained:
+    """The fp32 models of a run (one per seed), their data and how they were made."""
+
+    bases: list
+    records: list
+    sources: list
+    rule_text: str
+    train_data: torch.Tensor
+    val_data: torch.Tensor
+    n_files: int
+    val_windows: torch.Tensor
+
+
+def pretrained(args) -> Pretrained:
+    """One fp32 ByteLM per seed, pretrained by ``args``' rule or loaded from the cache."""
     batch, context = args.batch, 64
     train_data, val_data, n_files = corpus()
     val_windows = windows(val_data, 64 if args.quick else 256, context, seed=12345)
-    calib = [windows(train_data, batch, context, 777 + k)[:, :-1] for k in range(8)]
-    started = time.perf_counter()
     if args.pretrain_steps is not None:
         rule = dict(schedule="cosine", steps=args.pretrain_steps)
         rule_text = f"exactly {args.pretrain_steps} steps, cosine schedule (--pretrain-steps)"
@@ -404,8 +422,8 @@ def main(argv=None):
         torch.manual_seed(seed)
         base = ByteLM(**MODEL, context=context)
         key = dict(key_base, seed=seed)
-        path = cache_path(cache_dir, key) if use_cache else None
-        record = cache_load(path, key, base) if use_cache else None
+        path = cache_path(args.cache_dir, key) if args.use_cache else None
+        record = cache_load(path, key, base) if args.use_cache else None
         shown = str(path).replace(str(Path.home()), "~", 1) if path else None
         if record is not None:
             sources.append(f"seed {seed}: loaded from the cache ({shown}; pretraining had "
@@ -418,14 +436,28 @@ def main(argv=None):
                 record = pretrain(base, train_data, val_windows, batch, context, PRETRAIN_LR,
                                   seed, args.round_steps, args.plateau, args.max_pretrain_steps,
                                   args.cooldown_steps, label=f"seed {seed}: ")
-            if use_cache:
+            if args.use_cache:
                 cache_save(path, key, base, record)
             sources.append(f"seed {seed}: pretrained in this run, {record['seconds'] / 60:.1f} "
-                           f"min" + (f" (saved to the cache: {shown})" if use_cache else
+                           f"min" + (f" (saved to the cache: {shown})" if args.use_cache else
                                      " (cache off)"))
         print(sources[-1], file=sys.stderr, flush=True)
         bases.append(base)
         records.append(record)
+    return Pretrained(bases, records, sources, rule_text, train_data, val_data, n_files,
+                      val_windows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    run = pretrained(args)
+    bases, records, sources, rule_text = run.bases, run.records, run.sources, run.rule_text
+    train_data, val_data, n_files, val_windows = (run.train_data, run.val_data, run.n_files,
+                                                  run.val_windows)
+    configs = CONFIGS[:1] + CONFIGS[-1:] if args.quick else CONFIGS
+    batch, context = args.batch, 64
+    calib = [windows(train_data, batch, context, 777 + k)[:, :-1] for k in range(8)]
     curves = [f"seed {seed}: " + curve_text(r, batch, context, len(train_data))
               + ("" if r["stop"] != "cap" else " (stopped at the cap, not at a plateau)")
               for seed, r in enumerate(records)]

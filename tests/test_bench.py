@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in their --quick modes: bench/bench_gpu.py on the CPU
-(C++ kernels), bench/bench_overhead.py."""
+(C++ kernels), bench/bench_overhead.py, bench/qat_lm.py's cache, bench/fsdp_qat.py,
+bench/bench_deploy.py."""
 
 import os
 import subprocess
@@ -92,3 +93,27 @@ def test_fsdp_example_matches_one_process(tmp_path):
     for row in rows:
         if "bf16" not in row[0]:
             assert float(row[1]) < 1e-5, row
+
+
+def test_bench_deploy_quick(tmp_path):
+    """bench/bench_deploy.py --quick (tiny models): every model has a row per export, and the
+    default export's rows show the integer kernels in ORT's optimized graph."""
+    out = tmp_path / "t.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/bench_deploy.py", "--quick", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
+            for line in text.splitlines() if line.startswith("| ") and "/ fp32" not in line}
+    kernels = {"MLP (a) W4 g32, weight-only": "MatMulNBits 4",
+               "MLP (a) W8A8": "MatMulIntegerToFloat 4",
+               "byte LM (b) W4 per channel, weight-only": "MatMulNBits",
+               "byte LM (b) W4A8": "MatMulIntegerToFloat",
+               "digits CNN (c) W4A4, first/last W8A8": "ConvInteger 3"}
+    for model, kernel in kernels.items():
+        assert kernel in rows[(model, "ort")], (model, rows[(model, "ort")])
+        assert "DequantizeLinear" in rows[(model, "qdq")]
+    assert "outputs equal to the converted model's bit for bit: True; through torch.export: " \
+           "True" in text
