@@ -37,6 +37,7 @@ bench: $(VENV)/.built
 	$(PY) bench/bench_importance.py --out bench/results/cpu_importance.md
 	$(PY) bench/bench_oscillation.py --out bench/results/cpu_oscillation.md
 	$(PY) bench/bench_overhead.py --out bench/results/cpu_overhead.md
+	$(PY) bench/bench_deploy.py --out bench/results/cpu_deploy_ort.md
 
 # The end-to-end QAT demos (scikit-learn digits, ~5 + ~4 min on 2 cores) and the deployment
 # path on the same CNN (convert, ONNX export, ONNX Runtime; ~1 min).
@@ -78,7 +79,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis \
-	  scikit-learn ruff onnx onnxruntime torchao
+	  scikit-learn ruff onnx onnxruntime onnx_ir torchao
 	touch $@
 
 # No build isolation: the extension must compile against the torch installed above.

@@ -16,12 +16,12 @@ kernels) and ``target="qdq"`` (DequantizeLinear + float ops: what ``export_onnx`
 before). For the MLP, ORT's own weight-only tool (``matmul_nbits_quantizer``: block 128,
 ``accuracy_level=4``, scales recomputed from the float weights) is a further baseline where its
 ``onnx_ir`` dependency is installed. Columns: file size, median latency of ``repeats`` runs at
-batch 1 and 32 (default session options, ``intra_op_num_threads`` = torch's threads), both as
-ratios to the fp32 export; the largest |ORT output - converted PyTorch model output| relative to
-the largest |output|; the node types of ORT's optimized graph (saved with
-``SessionOptions.optimized_model_filepath``). For the byte LM also ``to_torchao``: its outputs
-against the converted model's, and what rounding our per-group scales to bfloat16 (torchao's
-packed CPU kernels' layout) changes.
+batch 1 and 32 (default session options, ``intra_op_num_threads`` = torch's threads; the
+exports' calls interleaved), both as ratios to the fp32 export; the largest |ORT output -
+converted PyTorch model output| relative to the largest |output|; the node types of ORT's
+optimized graph (saved with ``SessionOptions.optimized_model_filepath``). For the byte LM also
+``to_torchao``: its outputs against the converted model's, and what rounding our per-group
+scales to bfloat16 (torchao's packed CPU kernels' layout) changes.
 
     python bench/bench_deploy.py --out bench/results/cpu_deploy_ort.md
     python bench/bench_deploy.py --quick        # seconds, for tests (tiny models, no cache)
@@ -67,6 +67,7 @@ def session(model_bytes: bytes, optimized: Path | None = None):
     options.intra_op_num_threads = torch.get_num_threads()
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # (the notice that the saved graph is CPU-specific)
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -74,17 +75,18 @@ def run(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def latency_ms(sess, x: torch.Tensor, repeats: int) -> float:
-    """Median ms per call (after 3 warm-up calls)."""
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms per call of each session on x, the sessions' calls interleaved round by round
+    (after 3 warm-up rounds), so that a change in the machine's load hits them alike."""
+    feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for round_ in range(repeats + 3):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[name])
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def optimized_kernels(model_bytes: bytes, x: torch.Tensor) -> str:
@@ -143,8 +145,10 @@ def measure(label: str, exports: dict[str, bytes], converted: nn.Module | None,
     """One row per export: sizes, latencies at each batch, error against the converted model
     (at the largest batch), kernels. ``exports`` starts with "fp32"."""
     sessions = {name: session(data) for name, data in exports.items()}
-    times = {(name, batch): latency_ms(s, x, repeats)
-             for batch, x in inputs.items() for name, s in sessions.items()}
+    times = {}
+    for batch, x in inputs.items():
+        for name, ms in latencies_ms(sessions, x, repeats).items():
+            times[(name, batch)] = ms
     x = inputs[max(inputs)]
     if converted is not None:
         with torch.no_grad():
@@ -187,9 +191,10 @@ def mlp_rows(quick: bool, repeats: int) -> list[dict]:
     rows = []
     tool = ort_matmul_nbits_tool(fp32)
     if tool is not None:
-        rows += [r for r in measure("MLP (a)", {"fp32": fp32, "ORT matmul_nbits_quantizer "
-                                                "(its own W4 g128 scales)": tool},
-                                    None, inputs, repeats) if r["export"] != "fp32"]
+        rows += [dict(r, model="MLP (a) W4 g128 weight-only, ORT's matmul_nbits_quantizer "
+                      "(its own scales)") for r in
+                 measure("tool", {"fp32": fp32, "ORT's tool": tool}, None, inputs, repeats)
+                 if r["export"] != "fp32"]
     for label, config in configs.items():
         converted = calibrated(model, calib, first_last_bits=None, **config)
         exports = {"fp32": fp32, "ort": quantized_onnx(converted, inputs[1], "ort"),
@@ -334,7 +339,8 @@ def main(argv=None):
     lines = header(command) + [
         f"ONNX Runtime {onnxruntime.__version__}, CPU execution provider, default session "
         f"options, {torch.get_num_threads()} intra-op threads; median of {repeats} runs per "
-        f"cell after 3 warm-up runs; {(time.perf_counter() - started) / 60:.1f} min in all. "
+        f"cell after 3 warm-up runs, one model's exports called in turn; "
+        f"{(time.perf_counter() - started) / 60:.1f} min in all. "
         "Ratios are to the same model's fp32 ONNX export, measured in the same run. `ort`: "
         "`export_onnx`'s default (ONNX Runtime's integer kernels); `qdq`: `target=\"qdq\"` "
         "(DequantizeLinear + float ops). Error: against the converted PyTorch model, batch 32 "

@@ -2,11 +2,12 @@
 
 The CNN (width 16) is trained in fp32, then quantized (4-bit weights per channel and inputs,
 first and last layer at 8 bits, dynamic OCTAV + MPH) and fine-tuned with QAT; then
-``convert_model`` (integer weights) and ``export_onnx`` (a QDQ graph). Reported side by side:
-test accuracy of the QAT model, the converted model, and the exported graph in ONNX Runtime
-(and whether they predict the same classes); size on disk and ONNX Runtime CPU latency of the
-QDQ graph against the fp32 model's ONNX export; the converted model's state_dict against the
-fp32 one's.
+``convert_model`` (integer weights) and ``export_onnx``, twice: the default graph (ONNX
+Runtime's integer kernels: ``ConvInteger``, ``MatMulIntegerToFloat``) and ``target="qdq"``.
+Reported side by side: test accuracy of the QAT model, the converted model and both exported
+graphs in ONNX Runtime (and whether they predict the same classes); size on disk and ONNX
+Runtime CPU latency of both graphs against the fp32 model's ONNX export; the converted model's
+state_dict against the fp32 one's.
 
     python bench/deploy_digits.py --out bench/results/cpu_deploy.md    # the committed table
     python bench/deploy_digits.py --quick                              # seconds, for tests
@@ -80,22 +81,29 @@ def main(argv=None):
     with torch.no_grad():
         same_as_qat = torch.equal(converted(x_test), qat(x_test))
 
+    exports = {"integer kernels": "ort", "QDQ": "qdq"}
     with tempfile.TemporaryDirectory() as tmp:
-        qdq_path, fp32_path = os.path.join(tmp, "qdq.onnx"), os.path.join(tmp, "fp32.onnx")
-        ok.export_onnx(converted, x_test[:1], qdq_path, dynamic_axes={"input": {0: "batch"}},
-                       input_names=["input"])
+        paths = {name: os.path.join(tmp, f"{target}.onnx") for name, target in exports.items()}
+        for name, target in exports.items():
+            ok.export_onnx(converted, x_test[:1], paths[name], target=target,
+                           dynamic_axes={"input": {0: "batch"}}, input_names=["input"])
+        paths["fp32"] = os.path.join(tmp, "fp32.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (x_test[:1],), fp32_path, dynamo=False,
+            torch.onnx.export(model.eval(), (x_test[:1],), paths["fp32"], dynamo=False,
                               opset_version=21, input_names=["input"],
                               dynamic_axes={"input": {0: "batch"}})
-        sessions = {"fp32": ort_session(fp32_path), "QDQ": ort_session(qdq_path)}
-        sizes = {"fp32": os.path.getsize(fp32_path), "QDQ": os.path.getsize(qdq_path)}
+        sessions = {name: ort_session(path) for name, path in paths.items()}
+        sizes = {name: os.path.getsize(path) for name, path in paths.items()}
         with torch.no_grad():
-            ort_logits = ort_predict(sessions["QDQ"], x_test)
-            agree = float((ort_logits.argmax(1) == converted(x_test).argmax(1)).float().mean())
-            max_diff = float((ort_logits - converted(x_test)).abs().max())
-        ort_accuracy = 100.0 * float((ort_logits.argmax(1) == y_test).float().mean())
+            logits = converted(x_test)
+        results = {}
+        for name in exports:
+            ort_logits = ort_predict(sessions[name], x_test)
+            results[name] = dict(
+                accuracy=100.0 * float((ort_logits.argmax(1) == y_test).float().mean()),
+                agree=float((ort_logits.argmax(1) == logits.argmax(1)).float().mean()),
+                max_diff=float((ort_logits - logits).abs().max()))
         repeats = 5 if args.quick else 200
         latency = {(name, batch): ort_ms(s, x_test[:batch], repeats)
                    for name, s in sessions.items() for batch in (1, 256)}
@@ -113,23 +121,28 @@ def main(argv=None):
         f"| fp32 (PyTorch) | {accuracy(model, test_data):.2f} |",
         f"| QAT, eval (PyTorch) | {accuracy(qat, test_data):.2f} |",
         f"| converted, integer weights (PyTorch) | {accuracy(converted, test_data):.2f} |",
-        f"| exported QDQ graph (ONNX Runtime {_ort_version()}) | {ort_accuracy:.2f} |",
+        *[f"| exported, {name} (ONNX Runtime {_ort_version()}) | {r['accuracy']:.2f} |"
+          for name, r in results.items()],
         "",
         f"Converted logits equal the QAT model's bit for bit: {same_as_qat}. ONNX Runtime's "
-        f"logits against the converted model's: max |difference| {max_diff:.2e}, same class "
-        f"for {100 * agree:.2f}% of the test images.",
+        "logits against the converted model's: " + "; ".join(
+            f"{name}: max |difference| {r['max_diff']:.2e}, same class for "
+            f"{100 * r['agree']:.2f}% of the test images" for name, r in results.items()) + ".",
         "",
-        "| | fp32 | converted / QDQ | ratio |",
-        "|---|---:|---:|---:|",
-        f"| state_dict bytes (torch.save) | {state_bytes(model):,} | {state_bytes(converted):,} "
-        f"| {state_bytes(converted) / state_bytes(model):.3f} |",
-        f"| ONNX file bytes | {sizes['fp32']:,} | {sizes['QDQ']:,} | "
+        "| | fp32 | integer kernels | ratio | QDQ | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| state_dict bytes (torch.save; converted) | {state_bytes(model):,} | "
+        f"{state_bytes(converted):,} | {state_bytes(converted) / state_bytes(model):.3f} | | |",
+        f"| ONNX file bytes | {sizes['fp32']:,} | {sizes['integer kernels']:,} | "
+        f"{sizes['integer kernels'] / sizes['fp32']:.3f} | {sizes['QDQ']:,} | "
         f"{sizes['QDQ'] / sizes['fp32']:.3f} |",
     ]
     for batch in (1, 256):
-        fp32, qdq = latency[("fp32", batch)], latency[("QDQ", batch)]
+        fp32 = latency[("fp32", batch)]
+        cells = " | ".join(f"{latency[(name, batch)]:.3f} | {latency[(name, batch)] / fp32:.2f}"
+                           for name in exports)
         lines.append(f"| ONNX Runtime CPU latency, batch {batch} (ms, median of {repeats}) | "
-                     f"{fp32:.3f} | {qdq:.3f} | {qdq / fp32:.2f} |")
+                     f"{fp32:.3f} | {cells} |")
     emit(lines, args.out)
 
 

@@ -652,11 +652,13 @@ def test_export_errors_name_the_argument_or_module():
 
 
 def test_deploy_demo_quick():
-    """bench/deploy_digits.py --quick: QAT, convert, export, ONNX Runtime on the digits CNN."""
+    """bench/deploy_digits.py --quick: QAT, convert, both exports, ONNX Runtime on the digits
+    CNN."""
     pytest.importorskip("sklearn", reason="the demo's data ships with scikit-learn")
     bench = Path(__file__).resolve().parent.parent / "bench"
     done = subprocess.run([sys.executable, str(bench / "deploy_digits.py"), "--quick"],
                           capture_output=True, text=True, timeout=600, cwd=bench.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Converted logits equal the QAT model's bit for bit: True" in done.stdout
-    assert "| exported QDQ graph (ONNX Runtime" in done.stdout
+    assert "| exported, integer kernels (ONNX Runtime" in done.stdout
+    assert "| exported, QDQ (ONNX Runtime" in done.stdout
