@@ -16,12 +16,12 @@ kernels) and ``target="qdq"`` (DequantizeLinear + float ops: what ``export_onnx`
 before). For the MLP, ORT's own weight-only tool (``matmul_nbits_quantizer``: block 128,
 ``accuracy_level=4``, scales recomputed from the float weights) is a further baseline where its
 ``onnx_ir`` dependency is installed. Columns: file size, median latency of ``repeats`` runs at
-batch 1 and 32 (default session options, ``intra_op_num_threads`` = torch's threads; the
-exports' calls interleaved), both as ratios to the fp32 export; the largest |ORT output -
-converted PyTorch model output| relative to the largest |output|; the node types of ORT's
-optimized graph (saved with ``SessionOptions.optimized_model_filepath``). For the byte LM also
-``to_torchao``: its outputs against the converted model's, and what rounding our per-group
-scales to bfloat16 (torchao's packed CPU kernels' layout) changes.
+batch 1 and 32 (default session options, ``intra_op_num_threads`` = torch's threads; a
+model's exports take turns in blocks of runs), both as ratios to the fp32 export; the largest
+|ORT output - converted PyTorch model output| relative to the largest |output|; the node types
+of ORT's optimized graph (saved with ``SessionOptions.optimized_model_filepath``). For the
+byte LM also ``to_torchao``: its outputs against the converted model's, and what rounding our
+per-group scales to bfloat16 (torchao's packed CPU kernels' layout) changes.
 
     python bench/bench_deploy.py --out bench/results/cpu_deploy_ort.md
     python bench/bench_deploy.py --quick        # seconds, for tests (tiny models, no cache)
@@ -75,17 +75,21 @@ def run(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms per call of each session on x, the sessions' calls interleaved round by round
-    (after 3 warm-up rounds), so that a change in the machine's load hits them alike."""
+def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int, rounds: int = 5
+                 ) -> dict[str, float]:
+    """Median ms per call of each session on x. The sessions take turns in ``rounds`` blocks
+    of ``repeats / rounds`` timed calls (after 2 untimed ones, so that a block runs with its
+    weights in cache, as a deployed model does), so that a change in the machine's load
+    hits them alike."""
     feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
     times = {name: [] for name in sessions}
-    for round_ in range(repeats + 3):
+    for _ in range(rounds):
         for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[name])
-            if round_ >= 3:
-                times[name].append(time.perf_counter() - start)
+            for call in range(2 + max(1, repeats // rounds)):
+                start = time.perf_counter()
+                s.run(None, feeds[name])
+                if call >= 2:
+                    times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
@@ -339,7 +343,8 @@ def main(argv=None):
     lines = header(command) + [
         f"ONNX Runtime {onnxruntime.__version__}, CPU execution provider, default session "
         f"options, {torch.get_num_threads()} intra-op threads; median of {repeats} runs per "
-        f"cell after 3 warm-up runs, one model's exports called in turn; "
+        f"cell, in 5 blocks of consecutive runs (after 2 untimed ones) taken in turn by one "
+        f"model's exports; "
         f"{(time.perf_counter() - started) / 60:.1f} min in all. "
         "Ratios are to the same model's fp32 ONNX export, measured in the same run. `ort`: "
         "`export_onnx`'s default (ONNX Runtime's integer kernels); `qdq`: `target=\"qdq\"` "
