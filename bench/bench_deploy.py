@@ -45,6 +45,7 @@ from torch import nn
 
 import octav_kernels as ok
 
+ROUNDS = 10  # blocks of timed runs per export (latencies_ms)
 TARGETS = dict(w4_batch1=0.3, w4_batch32=0.7, w8a8_batch32=0.8, w4_file=0.2, w8_file=0.3)
 KERNELS = ("MatMulNBits", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv", "QLinearMatMul",
            "MatMul", "Gemm", "FusedGemm", "Conv", "FusedConv", "FusedMatMul",
@@ -75,8 +76,7 @@ def run(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int, rounds: int = 5
-                 ) -> dict[str, float]:
+def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int, rounds: int = ROUNDS) -> dict:
     """Median ms per call of each session on x. The sessions take turns in ``rounds`` blocks
     of ``repeats / rounds`` timed calls (after 2 untimed ones, so that a block runs with its
     weights in cache, as a deployed model does), so that a change in the machine's load
@@ -90,7 +90,7 @@ def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int, rounds: int = 5
                 s.run(None, feeds[name])
                 if call >= 2:
                     times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}  # by session key
 
 
 def optimized_kernels(model_bytes: bytes, x: torch.Tensor) -> str:
@@ -144,31 +144,38 @@ def ort_matmul_nbits_tool(fp32: bytes) -> bytes | None:
     return buffer.getvalue()
 
 
-def measure(label: str, exports: dict[str, bytes], converted: nn.Module | None,
-            inputs: dict[int, torch.Tensor], repeats: int) -> list[dict]:
-    """One row per export: sizes, latencies at each batch, error against the converted model
-    (at the largest batch), kernels. ``exports`` starts with "fp32"."""
-    sessions = {name: session(data) for name, data in exports.items()}
-    times = {}
-    for batch, x in inputs.items():
-        for name, ms in latencies_ms(sessions, x, repeats).items():
-            times[(name, batch)] = ms
+def measure(model: str, fp32: bytes, variants: dict, inputs: dict[int, torch.Tensor],
+            repeats: int) -> list[dict]:
+    """One row per export of ``variants`` (config label -> (converted model or None,
+    {export name: bytes})): size, latency at each batch, error against the converted model (at
+    the largest batch), kernels. Every export of the model and its fp32 export are timed in one
+    ``latencies_ms`` call, so the model has one fp32 time per batch."""
+    graphs = {("fp32", ""): fp32} | {(label, name): data for label, (_, exports) in
+                                     variants.items() for name, data in exports.items()}
+    sessions = {key: session(data) for key, data in graphs.items()}
+    times = {batch: latencies_ms(sessions, x, repeats) for batch, x in inputs.items()}
     x = inputs[max(inputs)]
-    if converted is not None:
-        with torch.no_grad():
-            expected = converted(x)
     rows = []
-    for name, data in exports.items():
-        error = None
-        if converted is not None and name != "fp32":
-            error = float((run(sessions[name], x) - expected).abs().max()
-                          / expected.abs().max())
-        rows.append(dict(model=label, export=name, bytes=len(data),
-                         ratio_bytes=len(data) / len(exports["fp32"]),
-                         ms={b: times[(name, b)] for b in inputs},
-                         ratio_ms={b: times[(name, b)] / times[("fp32", b)] for b in inputs},
-                         error=error, kernels=optimized_kernels(data, x)))
+    for label, (converted, exports) in variants.items():
+        if converted is not None:
+            with torch.no_grad():
+                expected = converted(x)
+        for name, data in exports.items():
+            error = None
+            if converted is not None:
+                error = float((run(sessions[(label, name)], x) - expected).abs().max()
+                              / expected.abs().max())
+            rows.append(dict(
+                model=f"{model} {label}", export=name, bytes=len(data),
+                ratio_bytes=len(data) / len(fp32),
+                ms={b: times[b][(label, name)] for b in inputs},
+                ratio_ms={b: times[b][(label, name)] / times[b][("fp32", "")] for b in inputs},
+                error=error, kernels=optimized_kernels(data, x)))
     return rows
+
+
+def both_targets(converted: nn.Module, x: torch.Tensor) -> dict[str, bytes]:
+    return {target: quantized_onnx(converted, x, target) for target in ("ort", "qdq")}
 
 
 def calibrated(model: nn.Module, batches: list[torch.Tensor], **config) -> nn.Module:
@@ -192,20 +199,15 @@ def mlp_rows(quick: bool, repeats: int) -> list[dict]:
         "W8A8": dict(bits=8),
         "W4A8": dict(bits=4, act_bits=8),
     }
-    rows = []
+    variants = {}
     tool = ort_matmul_nbits_tool(fp32)
     if tool is not None:
-        rows += [dict(r, model="MLP (a) W4 g128 weight-only, ORT's matmul_nbits_quantizer "
-                      "(its own scales)") for r in
-                 measure("tool", {"fp32": fp32, "ORT's tool": tool}, None, inputs, repeats)
-                 if r["export"] != "fp32"]
+        variants["W4 g128 weight-only, ORT's matmul_nbits_quantizer (its own scales)"] = (
+            None, {"ORT's tool": tool})
     for label, config in configs.items():
         converted = calibrated(model, calib, first_last_bits=None, **config)
-        exports = {"fp32": fp32, "ort": quantized_onnx(converted, inputs[1], "ort"),
-                   "qdq": quantized_onnx(converted, inputs[1], "qdq")}
-        rows += [dict(r, model=f"MLP (a) {label}") for r in
-                 measure(label, exports, converted, inputs, repeats) if r["export"] != "fp32"]
-    return rows
+        variants[label] = (converted, both_targets(converted, inputs[1]))
+    return measure("MLP (a)", fp32, variants, inputs, repeats)
 
 
 def lm_rows(quick: bool, repeats: int) -> tuple[list[dict], list[str]]:
@@ -225,17 +227,14 @@ def lm_rows(quick: bool, repeats: int) -> tuple[list[dict], list[str]]:
         "W8A8": dict(bits=8),
         "W4A8": dict(bits=4, act_bits=8),
     }
-    rows, notes = [], [f"Byte LM: {run_.sources[0]}; fp32 validation bits per byte "
-                       f"{qat_lm.bits_per_byte(model, run_.val_windows):.4f}."]
+    variants, notes = {}, [f"Byte LM: {run_.sources[0]}; fp32 validation bits per byte "
+                           f"{qat_lm.bits_per_byte(model, run_.val_windows):.4f}."]
     for label, config in configs.items():
         converted = calibrated(model, calib, first_last_bits=None, **config)
-        exports = {"fp32": fp32, "ort": quantized_onnx(converted, inputs[1], "ort"),
-                   "qdq": quantized_onnx(converted, inputs[1], "qdq")}
-        rows += [dict(r, model=f"byte LM (b) {label}") for r in
-                 measure(label, exports, converted, inputs, repeats) if r["export"] != "fp32"]
+        variants[label] = (converted, both_targets(converted, inputs[1]))
         if label.startswith("W4 g32"):
             notes += torchao_notes(converted, run_.val_windows)
-    return rows, notes
+    return measure("byte LM (b)", fp32, variants, inputs, repeats), notes
 
 
 def torchao_notes(converted: nn.Module, val_windows: torch.Tensor) -> list[str]:
@@ -282,11 +281,8 @@ def digits_rows(quick: bool, repeats: int) -> list[dict]:
     inputs = {1: x_test[:1], 32: x_test[:32]}
     calib = [x for x, _ in zip(train_data[0].split(64), range(8))]
     converted = calibrated(model, calib, bits=4)
-    exports = {"fp32": fp32_onnx(model, inputs[1]),
-               "ort": quantized_onnx(converted, inputs[1], "ort"),
-               "qdq": quantized_onnx(converted, inputs[1], "qdq")}
-    return [dict(r, model="digits CNN (c) W4A4, first/last W8A8") for r in
-            measure("digits", exports, converted, inputs, repeats) if r["export"] != "fp32"]
+    variants = {"W4A4, first/last W8A8": (converted, both_targets(converted, inputs[1]))}
+    return measure("digits CNN (c)", fp32_onnx(model, inputs[1]), variants, inputs, repeats)
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -343,8 +339,8 @@ def main(argv=None):
     lines = header(command) + [
         f"ONNX Runtime {onnxruntime.__version__}, CPU execution provider, default session "
         f"options, {torch.get_num_threads()} intra-op threads; median of {repeats} runs per "
-        f"cell, in 5 blocks of consecutive runs (after 2 untimed ones) taken in turn by one "
-        f"model's exports; "
+        f"cell, in {ROUNDS} blocks of consecutive runs (after 2 untimed ones) taken in turn by "
+        f"all of one model's exports, fp32 included; "
         f"{(time.perf_counter() - started) / 60:.1f} min in all. "
         "Ratios are to the same model's fp32 ONNX export, measured in the same run. `ort`: "
         "`export_onnx`'s default (ONNX Runtime's integer kernels); `qdq`: `target=\"qdq\"` "
