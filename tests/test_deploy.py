@@ -235,9 +235,11 @@ def test_convert_equals_qat_eval_and_onnx_runtime_agrees(kind, bits, gran, grid)
     types = {t.name: t.data_type for t in proto.graph.initializer if t.name.endswith("_quantized")}
     expected_type = onnx.TensorProto.INT4 if bits <= 4 else onnx.TensorProto.INT8
     assert len(types) == layers and set(types.values()) == {expected_type}
-    for t in proto.graph.initializer:  # compact storage: one byte per int8 level, raw
-        if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8:
-            assert len(t.raw_data) == math.prod(t.dims) and len(t.int32_data) == 0, t.name
+    for t in proto.graph.initializer:  # compact storage, raw: a byte per int8 level, two INT4
+        if t.name.endswith("_quantized"):
+            per_byte = 2 if t.data_type == onnx.TensorProto.INT4 else 1
+            assert len(t.raw_data) == math.ceil(math.prod(t.dims) / per_byte), t.name
+            assert len(t.int32_data) == 0, t.name
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

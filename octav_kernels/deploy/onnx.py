@@ -333,9 +333,9 @@ def _integer_weight(onnx, graph, name: str, layer: _QuantizedLayer, opset: int) 
         if dtype == TensorProto.INT32:
             raise ValueError(f"{name}: {grid.bits}-bit unsigned weights have no ONNX integer "
                              "type DequantizeLinear takes")
-    if dtype in (TensorProto.INT4, TensorProto.UINT4):  # (packed two to a byte by onnx)
-        quantized = helper.make_tensor(f"{name}_quantized", dtype, list(levels.shape),
-                                       levels.reshape(-1).tolist())
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):  # two per byte, raw
+        quantized = ort.int4_tensor(f"{name}_quantized", levels.cpu().numpy(),
+                                    signed=dtype == TensorProto.INT4)
     else:  # raw_data: one byte per int8 level (a list would be stored as int32 varints)
         numpy_dtype = {TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
                        TensorProto.INT16: "int16"}[dtype]

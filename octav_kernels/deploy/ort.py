@@ -250,10 +250,24 @@ def compact_codes(graph) -> None:
         if small is None:
             continue
         name = f"{node.input[1]}_4bit"
-        graph.initializer.append(helper.make_tensor(name, small, list(codes.shape),
-                                                    codes.reshape(-1).tolist()))
+        graph.initializer.append(int4_tensor(name, codes, signed=small == TensorProto.INT4))
         wide = TensorProto.INT8 if codes.dtype == np.int8 else TensorProto.UINT8
         cast = helper.make_node("Cast", [name], [node.input[1]], to=wide,
                                 name=f"{node.input[1]}_Cast")
         graph.node.insert(list(graph.node).index(constant), cast)
         graph.node.remove(constant)
+
+
+def int4_tensor(name: str, values, signed: bool):
+    """An INT4 (``signed``) or UINT4 ``TensorProto`` of integer ``values`` (an array or tensor
+    in range) as ``raw_data``: two per byte, the first in the low nibble (``make_tensor`` with
+    a list would store each packed byte as an int32 varint, up to 2 bytes)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    flat = np.asarray(values).reshape(-1).astype(np.int64) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4,
+                              list(np.shape(values)), packed.tobytes(), raw=True)
