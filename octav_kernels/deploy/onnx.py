@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..qat.layers import QuantLayer
-from ..qat.model import parent_of
+from ..qat.model import replace_modules
 from ..qat.quantizer import Quantizer
 from . import ort
 from .quantized import (
@@ -289,24 +289,22 @@ def _swap_for_export(model: nn.Module, opset: int, target: str, accuracy_level: 
     """Replaces converted layers and standalone quantizers by their export forms; returns the
     converted layers in the QDQ form by path, and for ``target="ort"`` why each of them is not
     an integer kernel."""
-    layers, done, fallbacks = {}, [], {}
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(p + ".") for p in done) or not name:
-            continue
-        if isinstance(module, _QuantizedLayer):
-            done.append(name)
-            parent, attr = parent_of(model, name)
-            kind, why = ort.plan(module) if target == "ort" else (None, "")
-            if kind is not None:
-                setattr(parent, attr, _ExportOrt(module, kind, accuracy_level, opset, name))
-                continue
-            if target == "ort":
-                fallbacks[name] = why
-            layers[name] = module
-            setattr(parent, attr, _ExportLayer(module, opset, name))
-        elif isinstance(module, QuantizedAct):
-            parent, attr = parent_of(model, name)
-            setattr(parent, attr, _ExportQDQ(module, opset, name))
+    layers, fallbacks = {}, {}
+
+    def export_form(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, QuantizedAct):
+            return _ExportQDQ(module, opset, name)
+        if not isinstance(module, _QuantizedLayer):
+            return None
+        kind, why = ort.plan(module) if target == "ort" else (None, "")
+        if kind is not None:
+            return _ExportOrt(module, kind, accuracy_level, opset, name)
+        if target == "ort":
+            fallbacks[name] = why
+        layers[name] = module
+        return _ExportLayer(module, opset, name)
+
+    replace_modules(model, export_form, "export_onnx")
     if isinstance(model, (_QuantizedLayer, QuantizedAct)):
         raise ValueError("model is itself a single converted layer; wrap it in a container "
                          "(e.g. nn.Sequential) to export it")

@@ -29,7 +29,7 @@ from .. import _args
 from ..ops import fake_quantize
 from ..qat.grid import Grid
 from ..qat.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, float_layer_args
-from ..qat.model import parent_of
+from ..qat.model import replace_modules
 from ..qat.quantizer import Quantizer
 
 
@@ -284,22 +284,8 @@ def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     if isinstance(model, (QuantLayer, Quantizer)):
         return _convert_one("model", model)
-    problems, done = [], []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in done):
-            continue
-        if isinstance(module, (QuantLayer, Quantizer)):
-            done.append(name)
-            try:
-                converted = _convert_one(name, module)
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            parent, attr = parent_of(model, name)
-            setattr(parent, attr, converted)
-    if problems:
-        raise ValueError("convert_model: cannot convert " + "; ".join(problems))
-    return model.eval()
+    return replace_modules(model, lambda name, module: _convert_one(name, module) if isinstance(
+        module, (QuantLayer, Quantizer)) else None, "convert_model").eval()
 
 
 def _convert_one(name: str, module: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..qat.model import parent_of
+from ..qat.model import replace_modules
 from .quantized import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
 
 MAX_BITS = 8  # target dtypes torch.int1 .. torch.int8
@@ -94,27 +94,20 @@ def to_torchao(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                          "(e.g. nn.Sequential) to convert it")
     if not inplace:
         model = copy.deepcopy(model)
-    problems = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, _QuantizedLayer):
-            continue
-        try:
-            replacement = _to_torchao_layer(module)
-        except ValueError as err:
-            problems.append(f"{name} ({type(module).__name__}): {err}")
-            continue
-        parent, attr = parent_of(model, name)
-        setattr(parent, attr, replacement)
-    if problems:
-        raise ValueError("to_torchao: cannot convert " + "; ".join(problems))
-    return model.eval()
+    return replace_modules(model, _to_torchao_layer, "to_torchao").eval()
 
 
-def _to_torchao_layer(layer: _QuantizedLayer) -> nn.Module:
-    if not isinstance(layer, (QuantizedLinear, QuantizedConv2d)):
-        raise ValueError("torchao's IntxUnpackedToInt8Tensor implements linear and conv2d "
-                         "only")
-    weight = torchao_weight(layer)
+def _to_torchao_layer(name: str, layer: nn.Module) -> nn.Module | None:
+    """The torchao form of a converted layer; None for any other module."""
+    if not isinstance(layer, _QuantizedLayer):
+        return None
+    try:
+        if not isinstance(layer, (QuantizedLinear, QuantizedConv2d)):
+            raise ValueError("torchao's IntxUnpackedToInt8Tensor implements linear and conv2d "
+                             "only")
+        weight = torchao_weight(layer)
+    except ValueError as err:
+        raise ValueError(f"{name} ({type(layer).__name__}): {err}") from None
     float_layer = layer.float_type(**layer.layer_args, device="meta", dtype=layer.weight_dtype)
     float_layer.weight = nn.Parameter(weight, requires_grad=False)
     float_layer.bias = (None if layer.bias is None

@@ -123,15 +123,8 @@ def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     becomes the dequantized one) is replaced by what it returns."""
     if not inplace:
         model = copy.deepcopy(model)
-    replaced: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in replaced):
-            continue
-        if callable(getattr(module, "to_float", None)):
-            parent, attr = parent_of(model, name)
-            setattr(parent, attr, module.to_float())
-            replaced.append(name)
-    return model
+    return replace_modules(model, lambda _, module: module.to_float() if callable(
+        getattr(module, "to_float", None)) else None)
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
@@ -245,6 +238,33 @@ def _default_forward(model, batch):
 def _skipped(name: str, module: nn.Module, skip) -> bool:
     return any((isinstance(item, str) and item == name)
                or (isinstance(item, type) and isinstance(module, item)) for item in skip)
+
+
+def replace_modules(model: nn.Module,
+                    replacement: Callable[[str, nn.Module], nn.Module | None],
+                    what: str = "replace_modules") -> nn.Module:
+    """Replace, outermost first, each submodule of ``model`` (not the model itself) for which
+    ``replacement(path, module)`` returns a module; the submodules of a replaced module are not
+    visited. The ``ValueError`` messages that ``replacement`` raises are collected (that
+    module's submodules are skipped too) and raised together after the walk as
+    ``ValueError("<what>: cannot convert <message>; <message>")``. Returns ``model``."""
+    problems, replaced = [], []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(p + ".") for p in replaced):
+            continue
+        try:
+            new = replacement(name, module)
+        except ValueError as err:
+            problems.append(str(err))
+            replaced.append(name)
+            continue
+        if new is not None:
+            parent, attr = parent_of(model, name)
+            setattr(parent, attr, new)
+            replaced.append(name)
+    if problems:
+        raise ValueError(f"{what}: cannot convert " + "; ".join(problems))
+    return model
 
 
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
