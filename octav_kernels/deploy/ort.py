@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .quantized import QuantizedLinear, _QuantizedLayer
 
@@ -78,14 +79,14 @@ def plan(layer: _QuantizedLayer) -> tuple[str | None, str]:
     return "nbits", "MatMulNBits"
 
 
-def _codes(layer: _QuantizedLayer, signed_ok: bool) -> tuple[torch.Tensor, int, torch.dtype]:
-    """(the weight's codes, their zero point, int8 | uint8): int8 levels where ``signed_ok``,
-    else uint8 ``level - lo``."""
+def _codes(layer: _QuantizedLayer, signed_ok: bool) -> tuple[torch.Tensor, int]:
+    """(the weight's codes, their zero point): int8 levels where ``signed_ok``, else uint8
+    ``level - lo``."""
     _, lo, _ = layer.weight_grid.levels
     levels = layer.weight_levels().reshape(layer.weight_shape)
     if signed_ok and layer.weight_grid.signed:
-        return levels.to(torch.int8), 0, torch.int8
-    return (levels - lo).to(torch.uint8), -lo, torch.uint8
+        return levels.to(torch.int8), 0
+    return (levels - lo).to(torch.uint8), -lo
 
 
 @dataclass
@@ -109,7 +110,7 @@ def integer_spec(layer: _QuantizedLayer) -> IntegerSpec:
     x_step = layer.input_quantizer.step.detach().cpu().reshape(())
     clip = None if xhi - xlo == 255 else (float(x_step * xlo), float(x_step * xhi))
     signed_ok = 2 * (xhi - xlo) * max(-wlo, whi) <= INT16_MAX
-    codes, w_zero, _ = _codes(layer, signed_ok)
+    codes, w_zero = _codes(layer, signed_ok)
     w_step = layer.weight_step.detach().cpu()
     conv = None
     if isinstance(layer, QuantizedLinear):
@@ -262,12 +263,9 @@ def int4_tensor(name: str, values, signed: bool):
     """An INT4 (``signed``) or UINT4 ``TensorProto`` of integer ``values`` (an array or tensor
     in range) as ``raw_data``: two per byte, the first in the low nibble (``make_tensor`` with
     a list would store each packed byte as an int32 varint, up to 2 bytes)."""
-    import numpy as np
     from onnx import TensorProto, helper
 
-    flat = np.asarray(values).reshape(-1).astype(np.int64) & 0xF
-    if flat.size % 2:
-        flat = np.append(flat, 0)
-    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    flat = torch.as_tensor(values).reshape(-1).to(torch.int32) & 0xF
+    packed = _pack_along_k(nn.functional.pad(flat, (0, flat.numel() % 2)), 4)
     return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4,
-                              list(np.shape(values)), packed.tobytes(), raw=True)
+                              list(values.shape), packed.numpy().tobytes(), raw=True)
