@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from bench_octav import emit, header
+from deploy_digits import ort_predict, ort_session
 from torch import nn
 
 import octav_kernels as ok
@@ -59,21 +60,6 @@ class MLPBlock(nn.Module):
 
     def forward(self, x):
         return x + self.down(nn.functional.gelu(self.up(x)))
-
-
-def session(model_bytes: bytes, optimized: Path | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    if optimized is not None:
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3  # (the notice that the saved graph is CPU-specific)
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def run(sess, x: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
 def latencies_ms(sessions: dict, x: torch.Tensor, repeats: int, rounds: int = ROUNDS) -> dict:
@@ -101,7 +87,7 @@ def optimized_kernels(model_bytes: bytes, x: torch.Tensor) -> str:
         path = Path(tmp) / "optimized.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run(session(model_bytes, path), x)
+            ort_predict(ort_session(model_bytes, path), x)
         counts = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     return ", ".join(f"{op} {counts[op]}" for op in KERNELS if counts[op]) or "-"
 
@@ -152,7 +138,7 @@ def measure(model: str, fp32: bytes, variants: dict, inputs: dict[int, torch.Ten
     ``latencies_ms`` call, so the model has one fp32 time per batch."""
     graphs = {("fp32", ""): fp32} | {(label, name): data for label, (_, exports) in
                                      variants.items() for name, data in exports.items()}
-    sessions = {key: session(data) for key, data in graphs.items()}
+    sessions = {key: ort_session(data) for key, data in graphs.items()}
     times = {batch: latencies_ms(sessions, x, repeats) for batch, x in inputs.items()}
     x = inputs[max(inputs)]
     rows = []
@@ -163,7 +149,7 @@ def measure(model: str, fp32: bytes, variants: dict, inputs: dict[int, torch.Ten
         for name, data in exports.items():
             error = None
             if converted is not None:
-                error = float((run(sessions[(label, name)], x) - expected).abs().max()
+                error = float((ort_predict(sessions[(label, name)], x) - expected).abs().max()
                               / expected.abs().max())
             rows.append(dict(
                 model=f"{model} {label}", export=name, bytes=len(data),

@@ -30,12 +30,17 @@ from qat_digits import accuracy, digits, make_model, train
 import octav_kernels as ok
 
 
-def ort_session(path: str):
+def ort_session(model, optimized=None):
+    """An ONNX Runtime CPU session of ``model`` (a path or the graph's bytes) with torch's
+    thread count; ``optimized``: also save the graph ORT's optimizer made there."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # (the notice that the saved graph is CPU-specific)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def ort_predict(session, x: torch.Tensor) -> torch.Tensor:
