@@ -137,17 +137,22 @@ def test_candidate_sse_terms_are_exact(name):
     """Rows whose elements all lie within twice the lowest candidate's clip level (the C++ pass
     takes their differences q - x in float, exact there) and rows with outliers far beyond it
     (where a float difference would round by ~1e-8 of the sum): the sums match the reference to
-    the order of a float64 sum either way."""
+    the order of a float64 sum either way, unweighted and weighted (importance with zeros and a
+    10^4 spread, so a wrong term would show)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 5000, generator=gen) * 0.5
     x[1::2, ::700] *= 4000.0  # odd rows: outliers ~2000, clip levels 2-3.5
     cand = 2.0 + 1.5 * torch.rand(6, 4, generator=gen)  # fine low bits: q - x would round
-    x, cand = on_device(x), on_device(cand)
+    h = torch.rand(5000, generator=gen) ** 4 * 1e4
+    h[::3] = 0.0
+    x, cand, h = on_device(x), on_device(cand), on_device(h)
     for signed in (True, False):
-        expected = reference.candidate_sse(x, cand, 4, signed, dim=0)
-        with use_backend(name):
-            got = torch.ops.octav._candidate_sse(x, cand, 4, signed, dim=0)
-        torch.testing.assert_close(got, expected, rtol=SSE_RTOL, atol=0.0)
+        for importance in (None, h):
+            expected = reference.candidate_sse(x, cand, 4, signed, dim=0, importance=importance)
+            with use_backend(name):
+                got = torch.ops.octav._candidate_sse(x, cand, 4, signed, 0, None, False,
+                                                     importance)
+            torch.testing.assert_close(got, expected, rtol=SSE_RTOL, atol=0.0)
 
 
 @pytest.mark.skipif(not ok.backend.available("cpu", torch.device("cpu")),
@@ -372,7 +377,8 @@ def test_main_job_reports_refined_octav(capsys):
 # ------------------------------------------------------------ importance (SPEC §2.1)
 #
 # Weighted terms h * (q - x)**2 are float64 products of the same exact squares with float32 h,
-# rounded once, on every backend: SSE_RTOL still bounds the difference of the sums.
+# rounded once (the C++ AVX passes fuse that product into the sum, unrounded): SSE_RTOL still
+# bounds the difference of the sums.
 
 def weighted_sse(x, scale, bits, h, **gran):
     g = ok._args.groups(x, gran.get("dim"), gran.get("group_size"))

@@ -4,6 +4,7 @@
 //
 //   sse[k] = sum over the group of (q(x; cand[k]) - x)^2, q the float32 quantizer of
 //   fake_quantize; each difference and square in double (exact terms), summed in double.
+//   With importance h (SPEC §2.1) each term is double(h) * (q - x)^2 of the same exact square.
 //
 // Groups of at most kLocal elements are read once (copied to a float buffer unless they are float
 // and contiguous) and the whole search runs on them in cache, one group per task. Larger groups
@@ -11,8 +12,9 @@
 // partial sums are added in chunk order, so results do not depend on the thread count.
 //
 // A pass runs with AVX-512 or AVX2 + FMA intrinsics where the CPU has them, else portable loops
-// (buffer_sse). All three add the same exact terms, in different orders: an exact tie between
-// two candidates (within ~n ulps of the sum) may resolve differently on different CPUs.
+// (buffer_sse), weighted or not. All three add the same terms, in different orders (the weighted
+// AVX passes fuse the product by h into the add, one rounding fewer per term): an exact tie
+// between two candidates (within ~n ulps of the sum) may resolve differently on different CPUs.
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -100,18 +102,39 @@ OCTAV_AVX512 __m512 quantized(__m512 x, __m512 step, __m512 lo, __m512 hi) {
   return _mm512_mul_ps(_mm512_min_ps(hi, _mm512_max_ps(lo, n)), step);
 }
 
-// The squared differences (d0: lanes 0-7, d1: 8-15) added to a and b.
-OCTAV_AVX512 void add_squares(__m512d d0, __m512d d1, __m512d& a, __m512d& b) {
-  a = _mm512_add_pd(a, _mm512_mul_pd(d0, d0));
-  b = _mm512_add_pd(b, _mm512_mul_pd(d1, d1));
+// The terms t0 (lanes 0-7) and t1 (8-15) added to a and b.
+OCTAV_AVX512 void add_terms(__m512d t0, __m512d t1, __m512d& a, __m512d& b) {
+  a = _mm512_add_pd(a, t0);
+  b = _mm512_add_pd(b, t1);
+}
+
+// The terms of the differences d0, d1 added to a, b: d * d, by an FMA where d is exact (Fused: an
+// exact product, so the same sum). Weighted (W): the exact square d * d, then h times it fused
+// into the add (h * d^2 unrounded: each term within half an ulp of the reference's rounded one,
+// below the float64 sum's own rounding; 1.21x -> 1.11x the unweighted pass here).
+template <bool W, bool Fused>
+OCTAV_AVX512 void add_diffs(__m512d d0, __m512d d1, __m512d h0, __m512d h1, __m512d& a,
+                            __m512d& b) {
+  if constexpr (W) {
+    a = _mm512_fmadd_pd(h0, _mm512_mul_pd(d0, d0), a);
+    b = _mm512_fmadd_pd(h1, _mm512_mul_pd(d1, d1), b);
+  } else if constexpr (Fused) {
+    a = _mm512_fmadd_pd(d0, d0, a);
+    b = _mm512_fmadd_pd(d1, d1, b);
+  } else {
+    add_terms(_mm512_mul_pd(d0, d0), _mm512_mul_pd(d1, d1), a, b);
+  }
 }
 
 constexpr int64_t kPrefetch = 512;  // elements ahead
 
-template <int G>
-__attribute__((target("avx512f"))) void sse_avx512_set(const float* xs, int64_t n,
-                                                       const float* steps, float lo, float hi,
-                                                       double* err) {
+// Weighted (W, SPEC §2.1), each term is double(h) * (d * d): the square is exact, so it is formed
+// by a product and then multiplied by h and added (no FMA), the same rounded term as the
+// reference's h * (q - x)^2. h is converted once per block for all of the set's candidates.
+template <int G, bool W>
+__attribute__((target("avx512f"))) void sse_avx512_set(const float* xs, const float* hs,
+                                                       int64_t n, const float* steps, float lo,
+                                                       float hi, double* err) {
   const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
   __m512 step[G];
   __m512d a[G], b[G];
@@ -124,21 +147,27 @@ __attribute__((target("avx512f"))) void sse_avx512_set(const float* xs, int64_t 
     const __mmask16 valid = n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1;
     const __m512 x = _mm512_maskz_loadu_ps(valid, xs + j);
     _mm_prefetch(reinterpret_cast<const char*>(xs + j + kPrefetch), _MM_HINT_T0);
+    __m512d h0 = _mm512_setzero_pd(), h1 = _mm512_setzero_pd();
+    if constexpr (W) {
+      const __m512 h = _mm512_maskz_loadu_ps(valid, hs + j);
+      _mm_prefetch(reinterpret_cast<const char*>(hs + j + kPrefetch), _MM_HINT_T0);
+      h0 = _mm512_cvtps_pd(_mm512_castps512_ps256(h));
+      h1 = _mm512_cvtps_pd(upper_half(h));
+    }
     if (_mm512_cmp_ps_mask(_mm512_abs_ps(x), bound, _CMP_NLE_UQ) == 0) {
       for (int k = 0; k < G; ++k) {
         const __m512 d = _mm512_sub_ps(quantized(x, step[k], vlo, vhi), x);
-        const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
-        const __m512d d1 = _mm512_cvtps_pd(upper_half(d));
-        a[k] = _mm512_fmadd_pd(d0, d0, a[k]);
-        b[k] = _mm512_fmadd_pd(d1, d1, b[k]);
+        add_diffs<W, true>(_mm512_cvtps_pd(_mm512_castps512_ps256(d)),
+                           _mm512_cvtps_pd(upper_half(d)), h0, h1, a[k], b[k]);
       }
     } else {
       const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
       const __m512d x1 = _mm512_cvtps_pd(upper_half(x));
       for (int k = 0; k < G; ++k) {
         const __m512 q = quantized(x, step[k], vlo, vhi);
-        add_squares(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(q)), x0),
-                    _mm512_sub_pd(_mm512_cvtps_pd(upper_half(q)), x1), a[k], b[k]);
+        add_diffs<W, false>(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(q)), x0),
+                            _mm512_sub_pd(_mm512_cvtps_pd(upper_half(q)), x1), h0, h1, a[k],
+                            b[k]);
       }
     }
   }
@@ -146,13 +175,14 @@ __attribute__((target("avx512f"))) void sse_avx512_set(const float* xs, int64_t 
 }
 
 // K candidates (steps, none 0) in sets of at most 4: 8 accumulators and 4 steps in registers.
-void sse_avx512(const float* xs, int64_t n, const float* steps, int64_t K, float lo, float hi,
-                double* err) {
+template <bool W>
+void sse_avx512(const float* xs, const float* hs, int64_t n, const float* steps, int64_t K,
+                float lo, float hi, double* err) {
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4) sse_avx512_set<4>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 3) sse_avx512_set<3>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 2) sse_avx512_set<2>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 1) sse_avx512_set<1>(xs, n, steps + k, lo, hi, err + k);
+  for (; k + 4 <= K; k += 4) sse_avx512_set<4, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 3) sse_avx512_set<3, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 2) sse_avx512_set<2, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 1) sse_avx512_set<1, W>(xs, hs, n, steps + k, lo, hi, err + k);
 }
 
 // The same pass with AVX2 and FMA, in blocks of 8: 0.21 ns per element and candidate on that
@@ -165,15 +195,29 @@ OCTAV_AVX2 __m256 quantized(__m256 x, __m256 step, __m256 lo, __m256 hi) {
   return _mm256_mul_ps(_mm256_min_ps(hi, _mm256_max_ps(lo, n)), step);
 }
 
-OCTAV_AVX2 void add_squares(__m256d d0, __m256d d1, __m256d& a, __m256d& b) {
-  a = _mm256_add_pd(a, _mm256_mul_pd(d0, d0));
-  b = _mm256_add_pd(b, _mm256_mul_pd(d1, d1));
+OCTAV_AVX2 void add_terms(__m256d t0, __m256d t1, __m256d& a, __m256d& b) {
+  a = _mm256_add_pd(a, t0);
+  b = _mm256_add_pd(b, t1);
 }
 
-template <int G>
-__attribute__((target("avx2,fma"))) void sse_avx2_set(const float* xs, int64_t n,
-                                                      const float* steps, float lo, float hi,
-                                                      double* err) {
+template <bool W, bool Fused>
+OCTAV_AVX2 void add_diffs(__m256d d0, __m256d d1, __m256d h0, __m256d h1, __m256d& a,
+                          __m256d& b) {
+  if constexpr (W) {
+    a = _mm256_fmadd_pd(h0, _mm256_mul_pd(d0, d0), a);
+    b = _mm256_fmadd_pd(h1, _mm256_mul_pd(d1, d1), b);
+  } else if constexpr (Fused) {
+    a = _mm256_fmadd_pd(d0, d0, a);
+    b = _mm256_fmadd_pd(d1, d1, b);
+  } else {
+    add_terms(_mm256_mul_pd(d0, d0), _mm256_mul_pd(d1, d1), a, b);
+  }
+}
+
+template <int G, bool W>
+__attribute__((target("avx2,fma"))) void sse_avx2_set(const float* xs, const float* hs,
+                                                      int64_t n, const float* steps, float lo,
+                                                      float hi, double* err) {
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   __m256 step[G];
   __m256d a[G], b[G];
@@ -189,22 +233,28 @@ __attribute__((target("avx2,fma"))) void sse_avx2_set(const float* xs, int64_t n
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 x = _mm256_maskload_ps(xs + j, valid);
     _mm_prefetch(reinterpret_cast<const char*>(xs + j + kPrefetch), _MM_HINT_T0);
+    __m256d h0 = _mm256_setzero_pd(), h1 = _mm256_setzero_pd();
+    if constexpr (W) {
+      const __m256 h = _mm256_maskload_ps(hs + j, valid);
+      _mm_prefetch(reinterpret_cast<const char*>(hs + j + kPrefetch), _MM_HINT_T0);
+      h0 = _mm256_cvtps_pd(_mm256_castps256_ps128(h));
+      h1 = _mm256_cvtps_pd(_mm256_extractf128_ps(h, 1));
+    }
     const __m256 beyond = _mm256_cmp_ps(_mm256_andnot_ps(sign, x), bound, _CMP_NLE_UQ);
     if (_mm256_movemask_ps(beyond) == 0) {
       for (int k = 0; k < G; ++k) {
         const __m256 d = _mm256_sub_ps(quantized(x, step[k], vlo, vhi), x);
-        const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
-        const __m256d d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
-        a[k] = _mm256_fmadd_pd(d0, d0, a[k]);
-        b[k] = _mm256_fmadd_pd(d1, d1, b[k]);
+        add_diffs<W, true>(_mm256_cvtps_pd(_mm256_castps256_ps128(d)),
+                           _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)), h0, h1, a[k], b[k]);
       }
     } else {
       const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
       const __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
       for (int k = 0; k < G; ++k) {
         const __m256 q = quantized(x, step[k], vlo, vhi);
-        add_squares(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(q)), x0),
-                    _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)), x1), a[k], b[k]);
+        add_diffs<W, false>(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(q)), x0),
+                            _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)), x1), h0,
+                            h1, a[k], b[k]);
       }
     }
   }
@@ -215,13 +265,14 @@ __attribute__((target("avx2,fma"))) void sse_avx2_set(const float* xs, int64_t n
   }
 }
 
-void sse_avx2(const float* xs, int64_t n, const float* steps, int64_t K, float lo, float hi,
-              double* err) {
+template <bool W>
+void sse_avx2(const float* xs, const float* hs, int64_t n, const float* steps, int64_t K,
+              float lo, float hi, double* err) {
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4) sse_avx2_set<4>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 3) sse_avx2_set<3>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 2) sse_avx2_set<2>(xs, n, steps + k, lo, hi, err + k);
-  if (K - k == 1) sse_avx2_set<1>(xs, n, steps + k, lo, hi, err + k);
+  for (; k + 4 <= K; k += 4) sse_avx2_set<4, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 3) sse_avx2_set<3, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 2) sse_avx2_set<2, W>(xs, hs, n, steps + k, lo, hi, err + k);
+  if (K - k == 1) sse_avx2_set<1, W>(xs, hs, n, steps + k, lo, hi, err + k);
 }
 #endif
 
@@ -256,33 +307,13 @@ Pass cpu_pass() {
   return Pass::kPortable;
 }
 
-// The squared errors of K candidate scales (cand, steps cand / L) over xs[0..n), float64 err[K].
-void buffer_sse(const float* xs, int64_t n, const float* cand, int64_t K, float L, float lo,
-                float hi, double* err) {
-  float steps[kMaxCandidates];
-  for (int64_t k = 0; k < K; ++k) steps[k] = cand[k] / L;
-#if defined(__x86_64__)
-  static const Pass pass = cpu_pass();
-  // The AVX passes divide by every step (the portable one sums x^2 for a step of 0).
-  if (pass != Pass::kPortable && std::find(steps, steps + K, 0.0f) == steps + K) {
-    if (pass == Pass::kAvx512) {
-      sse_avx512(xs, n, steps, K, lo, hi, err);
-    } else {
-      sse_avx2(xs, n, steps, K, lo, hi, err);
-    }
-    return;
-  }
-#endif
-  portable_sse(xs, n, steps, K, lo, hi, err);
-}
-
-// The importance-weighted pass (SPEC §2.1): sum over xs[0..n) of hs * (q - xs)^2 for K candidate
-// scales, each term double(h) * (d * d) with d as in piece_sse. Portable lane loops (no FMA).
-__attribute__((noinline)) void weighted_sse(const float* xs, const float* hs, int64_t n,
-                                            const float* cand, int64_t K, float L, float lo,
-                                            float hi, double* err) {
+// The importance-weighted portable pass (SPEC §2.1): sum over xs[0..n) of hs * (q - xs)^2 for K
+// candidate steps, each term double(h) * (d * d) with d as in piece_sse. Lane loops (no FMA).
+__attribute__((noinline)) void portable_weighted_sse(const float* xs, const float* hs, int64_t n,
+                                                     const float* steps, int64_t K, float lo,
+                                                     float hi, double* err) {
   for (int64_t k = 0; k < K; ++k) {
-    const float step = cand[k] / L;
+    const float step = steps[k];
     double acc[kLanes] = {};
     auto term = [&](int64_t j) {
       const float q =
@@ -302,13 +333,29 @@ __attribute__((noinline)) void weighted_sse(const float* xs, const float* hs, in
   }
 }
 
-// The pass over one stretch of a group: weighted where hs is given.
-inline void stretch_sse(const float* xs, const float* hs, int64_t n, const float* cand,
-                        int64_t K, float L, float lo, float hi, double* err) {
+// The squared errors of K candidate scales (cand, steps cand / L) over xs[0..n), float64 err[K];
+// each weighted by hs where hs is given (SPEC §2.1).
+void buffer_sse(const float* xs, const float* hs, int64_t n, const float* cand, int64_t K,
+                float L, float lo, float hi, double* err) {
+  float steps[kMaxCandidates];
+  for (int64_t k = 0; k < K; ++k) steps[k] = cand[k] / L;
+#if defined(__x86_64__)
+  static const Pass pass = cpu_pass();
+  // The AVX passes divide by every step (the portable one sums x^2 for a step of 0).
+  if (pass != Pass::kPortable && std::find(steps, steps + K, 0.0f) == steps + K) {
+    const bool w = hs != nullptr;
+    if (pass == Pass::kAvx512) {
+      (w ? sse_avx512<true> : sse_avx512<false>)(xs, hs, n, steps, K, lo, hi, err);
+    } else {
+      (w ? sse_avx2<true> : sse_avx2<false>)(xs, hs, n, steps, K, lo, hi, err);
+    }
+    return;
+  }
+#endif
   if (hs != nullptr) {
-    weighted_sse(xs, hs, n, cand, K, L, lo, hi, err);
+    portable_weighted_sse(xs, hs, n, steps, K, lo, hi, err);
   } else {
-    buffer_sse(xs, n, cand, K, L, lo, hi, err);
+    portable_sse(xs, n, steps, K, lo, hi, err);
   }
 }
 
@@ -447,7 +494,7 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
           const float* xs = elements(g, 0, len, buf.data());
           const float* hs = weights(g, 0);
           auto sse = [&](const float* cand, int64_t K, double* err) {
-            stretch_sse(xs, hs, len, cand, K, fL, flo, fhi, err);
+            buffer_sse(xs, hs, len, cand, K, fL, flo, fhi, err);
           };
           op[g] = refine_search(sp[g], positive_max(xs, len, is_signed), sse);
         }
@@ -480,7 +527,7 @@ at::Tensor Kernels::refine_scale(const at::Tensor& x, const at::Tensor& scale, c
       }
       op[g] = refine_search(sp[g], m, [&](const float* cand, int64_t K, double* err) {
         for_chunks([&](const float* xs, const float* hs, int64_t n, int64_t c) {
-          stretch_sse(xs, hs, n, cand, K, fL, flo, fhi, partial.data() + c * K);
+          buffer_sse(xs, hs, n, cand, K, fL, flo, fhi, partial.data() + c * K);
         });
         std::fill(err, err + K, 0.0);
         for (int64_t c = 0; c < chunks; ++c)
@@ -510,7 +557,7 @@ at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, c
           const int64_t end = std::min(len, begin + kChunk);
           const float* xs = group_elements(xp, outer, n_groups, inner, g, begin, end, buf.data());
           const float* hs = h.defined() ? importance_row(h, g, len) + begin : nullptr;
-          stretch_sse(xs, hs, end - begin, cp + g * K, K, static_cast<float>(L),
+          buffer_sse(xs, hs, end - begin, cp + g * K, K, static_cast<float>(L),
                       static_cast<float>(lo), static_cast<float>(hi), part);
           for (int64_t k = 0; k < K; ++k) op[g * K + k] += part[k];
         }
