@@ -596,6 +596,54 @@ def test_importance_with_nan_and_inf(name):
     assert torch.isnan(s[0]) and torch.isinf(s[1]) and torch.isnan(s[2])
 
 
+def large_importance(n, seed):
+    """Per-element importance for a large group: log-normal spread (a few entries 100x the
+    median), exact zeros on a tenth."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.exp(2.0 * torch.randn(n, generator=gen))
+    return on_device(torch.where(torch.rand(n, generator=gen) < 0.1, 0.0, h).float())
+
+
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
+@pytest.mark.parametrize("kind,signed", [("laplace", True), ("student-outliers", True),
+                                         ("integers", True), ("relu", False),
+                                         ("sparse", False)])
+def test_large_group_importance(kind, signed, name):
+    """Weighted large groups (the C++ weighted histogram and brackets): cold, warm (init 4% off)
+    and far starts that leave the bracket reach the reference's weighted fixed point."""
+    x = large_data(kind, seed=7)
+    x = x if signed else x.abs()
+    h = large_importance(x.numel(), seed=8)
+    kw = dict(signed=signed, importance=h)
+    expected = reference_scale(x, 3, **kw)
+    with use_backend(name):
+        assert_scale_close(ok.octav_scale(x, 3, **kw), expected, torch.float32)
+    for factor in (1.04, 0.2, 5.0):
+        init = expected * factor
+        with use_backend(name):
+            got = ok.octav_scale(x, 3, init=init, **kw)
+        assert_scale_close(got, reference_scale(x, 3, init=init, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("name", LARGE_BACKENDS)
+def test_large_group_importance_non_finite(name):
+    """NaN or inf in a large weighted group, sampled by the histogram or not: NaN whatever its
+    importance, inf with importance > 0, NaN (0 * inf) with none."""
+    x = large_data("gaussian")
+    h = large_importance(x.numel(), seed=9)
+    for index in (0, 12345):  # sampled, not sampled
+        for value, weight, check in ((float("nan"), 0.0, torch.isnan),
+                                     (float("inf"), 1.0, lambda s: s == float("inf")),
+                                     (float("inf"), 0.0, torch.isnan)):
+            y, w = x.clone(), h.clone()
+            y[index], w[index] = value, weight
+            with use_backend(name):
+                got = ok.octav_scale(y, 4, importance=w)
+                warm = ok.octav_scale(y, 4, importance=w, init=torch.tensor(2.0))
+            assert check(got) and check(warm), (index, value, weight, got, warm)
+            assert check(reference_scale(y, 4, importance=w))
+
+
 @pytest.mark.parametrize("name", ALL_BACKENDS)
 def test_bad_importance(name):
     x = make_data((4, 8), seed=52)

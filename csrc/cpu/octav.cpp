@@ -23,6 +23,10 @@
 // like the plain iteration does from the mean; they agree unless another fixed point lies
 // between the mean and lo, which the parity tests probe on varied data. From init, both
 // iterations take the same path.
+//
+// Weighted groups (SPEC §2.1) take the same steps with weighted statistics: the histogram sums
+// the sampled entries' importance per bin, the bracket pass keeps S_out, W_out above it, W_in
+// below it and the (a, h) pairs inside it, and the plain passes are weighted ones.
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -83,9 +87,10 @@ struct GroupView {
     runs_at(begin, end, [&](const T* p, int64_t n, int64_t) { fn(p, n); });
   }
 
-  // fn(ptr, n, j): the same runs with the index j of their first element in the group.
+  // fn(ptr, n, j): the same runs with the index j of their first element in the group. Always
+  // inlined: for groups of 32 a call per pass costs ~20% (GCC stopped inlining the weighted one).
   template <typename F>
-  void runs_at(int64_t begin, int64_t end, const F& fn) const {
+  __attribute__((always_inline)) void runs_at(int64_t begin, int64_t end, const F& fn) const {
     for (int64_t j = begin; j < end;) {
       const int64_t o = j / inner, i = j % inner;
       const int64_t n = std::min(inner - i, end - j);
@@ -157,14 +162,17 @@ Sums group_sums(const GroupView<T>& g, float s) {
 }
 
 // The importance-weighted statistics of one pass (SPEC §2.1): sum h a 1{out}, sum h 1{in},
-// sum h 1{out}.
+// sum h 1{out}; a bracket pass also keeps the weighted rule's max a (the largest magnitude of
+// positive importance, 0 if none; NaN entries are left to S_out), a plain pass leaves it
+// negative (unknown: weighted_max finds it when an iterate needs it).
 struct WeightedSums {
-  double s_out = 0.0, w_in = 0.0, w_out = 0.0;
+  double s_out = 0.0, w_in = 0.0, w_out = 0.0, a_max = -1.0;
 
   void add(const WeightedSums& o) {
     s_out += o.s_out;
     w_in += o.w_in;
     w_out += o.w_out;
+    a_max = std::max(a_max, o.a_max);
   }
 };
 
@@ -244,7 +252,9 @@ double weighted_max(const GroupView<T>& g, const float* h) {
 template <typename T, bool Signed>
 float next_weighted(const WeightedSums& t, const GroupView<T>& g, const float* h,
                     double octav_const) {
-  if (t.w_out == 0.0 && t.s_out == 0.0) return static_cast<float>(weighted_max<T, Signed>(g, h));
+  if (t.w_out == 0.0 && t.s_out == 0.0) {
+    return static_cast<float>(t.a_max >= 0.0 ? t.a_max : weighted_max<T, Signed>(g, h));
+  }
   return static_cast<float>(t.s_out / (octav_const * t.w_in + t.w_out));
 }
 
@@ -333,9 +343,66 @@ bool histogram(const GroupView<T>& g, std::vector<int64_t>& counts) {
   return true;
 }
 
-// The recursion on the histogram, each bin's count spread uniformly over its range. Bin 0
-// (zeros, non-positive unsigned entries and values below 2^-118) is left out.
-double estimate_from_histogram(const std::vector<int64_t>& counts, double octav_const) {
+// The weighted histogram (SPEC §2.1): the sum of the importance of the sampled magnitudes in each
+// bin (float32 sums of kChunk-element chunks' samples, added in double), and the mean importance
+// of a sampled element. Returns false as histogram() does.
+template <typename T, bool Signed>
+bool weighted_histogram(const GroupView<T>& g, const float* h, std::vector<double>& weights,
+                        double& unit) {
+  // Each task's histogram, merged in the order of its first chunk (for a given thread count, the
+  // same sums every call; across thread counts they may differ in the last bits, which could
+  // only move the bracket when the estimate lies within such a difference of a bin edge).
+  struct Part {
+    int64_t first;
+    std::vector<double> weights;
+    double total;
+    int64_t samples;
+  };
+  std::vector<Part> parts;
+  std::mutex merge;
+  const int64_t n_chunks = (g.len + kChunk - 1) / kChunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<double> local(kBins, 0.0);
+    double local_total = 0.0;
+    int64_t local_samples = 0;
+    for (int64_t k = cb; k < ce; ++k) {
+      g.runs_at(k * kChunk, std::min(g.len, (k + 1) * kChunk),
+                [&](const T* p, int64_t n, int64_t j) {
+        for (int64_t i = 0; i < n; i += kHistStride) {
+          float a = static_cast<float>(magnitude<Signed>(static_cast<at::opmath_type<T>>(p[i])));
+          a = a < 0.0f ? 0.0f : a;
+          local[key_of(a)] += h[j + i];
+          local_total += h[j + i];
+          ++local_samples;
+        }
+      });
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    parts.push_back({cb, std::move(local), local_total, local_samples});
+  });
+  std::sort(parts.begin(), parts.end(),
+            [](const Part& a, const Part& b) { return a.first < b.first; });
+  weights.assign(kBins, 0.0);
+  double total = 0.0;
+  int64_t samples = 0;
+  for (const Part& part : parts) {
+    for (uint32_t b = 0; b < kBins; ++b) weights[b] += part.weights[b];
+    total += part.total;
+    samples += part.samples;
+  }
+  unit = samples > 0 ? total / static_cast<double>(samples) : 0.0;
+  for (uint32_t b = kFirstNonFinite; b < kBins; ++b) {
+    if (weights[b] != 0.0) return false;
+  }
+  return true;
+}
+
+// The recursion on the histogram, each bin's count (weighted: its sum of importance) spread
+// uniformly over its range; `unit` is one sampled element's count (weighted: the mean importance
+// of the sample), so that "less than half an element above s" means max a. Bin 0 (zeros,
+// non-positive unsigned entries and values below 2^-118) is left out.
+template <typename N>
+double estimate_from_histogram(const std::vector<N>& counts, double octav_const, double unit) {
   std::vector<double> below_n(kFirstNonFinite + 1, 0.0), below_s(kFirstNonFinite + 1, 0.0);
   for (uint32_t b = 1; b < kFirstNonFinite; ++b) {
     const double n = static_cast<double>(counts[b]);  // the top bin's upper edge is inf
@@ -356,7 +423,7 @@ double estimate_from_histogram(const std::vector<int64_t>& counts, double octav_
     const double n_out = total_n - below_n[k + 1] + n_k * out_frac;
     const double n_in = below_n[k] + n_k * (1.0 - out_frac);
     const double s_out = total_s - below_s[k + 1] + n_k * out_frac * 0.5 * (std::max(s, lo) + hi);
-    const double nxt = n_out <= 0.5 ? a_max : s_out / (octav_const * n_in + n_out);
+    const double nxt = n_out <= 0.5 * unit ? a_max : s_out / (octav_const * n_in + n_out);
     if (std::abs(nxt - s) <= 1e-9 * s || nxt == prev) return nxt;
     prev = s;
     s = nxt;
@@ -386,6 +453,20 @@ struct Bracket {
     n_below += o.n_below;
     a_max = std::max(a_max, o.a_max);
     inside.insert(inside.end(), o.inside.begin(), o.inside.end());
+  }
+
+  // The exact f(s) for lo <= s < hi: entries outside the bracket are on a known side of s.
+  float next(float s, double octav_const) const {
+    const C sc = static_cast<C>(s);
+    double s_out = s_above;
+    int64_t n_out = n_above, n_in = n_below;
+    for (const C v : inside) {  // lo may be 0 for tiny scales: zeros stay out of n_in
+      const bool out = v > sc;
+      s_out += out ? static_cast<double>(v) : 0.0;
+      n_out += out;
+      n_in += !out & (v > C(0));
+    }
+    return next_scale(s_out, n_in, n_out, a_max, octav_const);
   }
 };
 
@@ -427,91 +508,186 @@ Bracket<at::opmath_type<T>> bracket_pass(const GroupView<T>& g, float lo, float 
   });
 }
 
+// The weighted bracket (SPEC §2.1): S_out and W_out of a >= hi (and NaN), W_in of 0 < a < lo,
+// the weighted max, and the (a, h) pairs inside [lo, hi) of positive importance (the others add
+// 0 there).
+template <typename C>
+struct WeightedBracket {
+  WeightedSums outside;  // s_out, w_out: above; w_in: below; a_max
+  std::vector<std::pair<C, C>> inside;
+
+  void add(WeightedBracket&& o) {
+    outside.add(o.outside);
+    inside.insert(inside.end(), o.inside.begin(), o.inside.end());
+  }
+
+  float next(float s, double octav_const) const {  // (outside.a_max is known: no pass)
+    const C sc = static_cast<C>(s);
+    WeightedSums t = outside;
+    for (const auto& [v, w] : inside) {
+      const bool out = v > sc;
+      t.s_out += out ? static_cast<double>(w) * static_cast<double>(v) : 0.0;
+      t.w_out += out ? static_cast<double>(w) : 0.0;
+      t.w_in += !out & (v > C(0)) ? static_cast<double>(w) : 0.0;
+    }
+    if (t.w_out == 0.0 && t.s_out == 0.0) return static_cast<float>(t.a_max);
+    return static_cast<float>(t.s_out / (octav_const * t.w_in + t.w_out));
+  }
+};
+
+// One block's sums outside [lo, hi) in C (float for float32 and narrower, as weighted_block),
+// and the count inside.
+template <typename C, typename T, bool Signed>
+inline WeightedSums weighted_outside(const T* __restrict p, const float* __restrict h, int64_t n,
+                                     C clo, C chi, int32_t& n_inside) {
+  C s_above = 0, w_above = 0, w_below = 0, a_max = 0;
+  int32_t inside = 0;
+#pragma omp simd reduction(+ : s_above, w_above, w_below, inside) reduction(max : a_max)
+  for (int64_t k = 0; k < n; ++k) {
+    const C a = magnitude<Signed>(static_cast<C>(p[k]));
+    const C w = static_cast<C>(h[k]);
+    const bool above = (a >= chi) | (a != a);  // NaN reaches S_out, as in a plain pass
+    const C w_if_above = above ? w : C(0);     // every entry not above is finite
+    s_above += w_if_above * a;
+    w_above += w_if_above;
+    w_below += (a > C(0)) & (a < clo) ? w : C(0);
+    inside += (a >= clo) & (a < chi);
+    a_max = std::max(a_max, w > C(0) ? a : C(0));  // a NaN lane makes S_out NaN anyway
+  }
+  n_inside = inside;
+  return {static_cast<double>(s_above), static_cast<double>(w_below),
+          static_cast<double>(w_above), static_cast<double>(a_max)};
+}
+
 template <typename T, bool Signed>
-float octav_bracketed(const GroupView<T>& g, float start, double octav_const, int64_t max_iters,
-                      double rtol, float lo, float hi) {
+WeightedBracket<at::opmath_type<T>> weighted_bracket_pass(const GroupView<T>& g, const float* h,
+                                                          float lo, float hi) {
   using C = at::opmath_type<T>;
+  const C clo = lo, chi = hi;
+  return reduce_chunks<WeightedBracket<C>>(g.len, [&](int64_t begin, int64_t end) {
+    WeightedBracket<C> r;
+    g.runs_at(begin, end, [&](const T* p, int64_t n, int64_t j) {
+      const float* hp = h + j;
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t e = std::min(n, b + kBlock);
+        int32_t n_inside = 0;
+        WeightedSums t = weighted_outside<C, T, Signed>(p + b, hp + b, e - b, clo, chi, n_inside);
+        if constexpr (!std::is_same_v<C, double>) {
+          if (!std::isfinite(t.s_out) || !std::isfinite(t.w_in) || !std::isfinite(t.w_out)) {
+            t = weighted_outside<double, T, Signed>(p + b, hp + b, e - b, lo, hi, n_inside);
+          }
+        }
+        r.outside.add(t);
+        if (n_inside == 0) continue;
+        for (int64_t k = b; k < e; ++k) {
+          const C a = magnitude<Signed>(static_cast<C>(p[k]));
+          if (a >= clo && a < chi && hp[k] > 0.0f) r.inside.emplace_back(a, hp[k]);
+        }
+      }
+    });
+    return r;
+  });
+}
+
+// The SPEC §2 iteration from `start` on brackets: bracket(lo, hi) reads the data once and returns
+// an object whose next(s) is the exact f(s) for lo <= s < hi. An iterate that leaves the bracket
+// gets a new bracket around it (at most kMaxBrackets), then plain(s, prev, iterations left).
+template <typename BracketFn, typename PlainFn>
+float octav_bracketed(float start, double octav_const, int64_t max_iters, double rtol, float lo,
+                      float hi, const BracketFn& bracket, const PlainFn& plain) {
   float s = start;
   float prev = std::numeric_limits<float>::quiet_NaN();
   int brackets = 0;
-  Bracket<C> br;
+  decltype(bracket(lo, hi)) br;
   for (int64_t it = 0; it < max_iters; ++it) {
     const bool outside = !(s >= lo && s < hi);
     if (outside || brackets == 0) {
-      if (brackets == kMaxBrackets || !std::isfinite(s)) {
-        return iterate_plain<T, Signed>(g, s, prev, max_iters - it, octav_const, rtol);
-      }
+      if (brackets == kMaxBrackets || !std::isfinite(s)) return plain(s, prev, max_iters - it);
       if (outside) bins_around(s, lo, hi);  // re-centre on the iterate that left the bracket
-      br = bracket_pass<T, Signed>(g, lo, hi);
+      br = bracket(lo, hi);
       ++brackets;
     }
-    // Exact f(s) for lo <= s < hi: entries outside the bracket are on a known side of s.
-    const C sc = static_cast<C>(s);
-    double s_out = br.s_above;
-    int64_t n_out = br.n_above, n_in = br.n_below;
-    for (const C v : br.inside) {  // lo may be 0 for tiny scales: zeros stay out of n_in
-      const bool out = v > sc;
-      s_out += out ? static_cast<double>(v) : 0.0;
-      n_out += out;
-      n_in += !out & (v > C(0));
-    }
-    if (finished(next_scale(s_out, n_in, n_out, br.a_max, octav_const), s, prev, rtol)) break;
+    if (finished(br.next(s, octav_const), s, prev, rtol)) break;
   }
   return s;
+}
+
+// The fixed point of one group from its solver's pieces, weighted or not: estimate() -> the
+// histogram's estimate of the answer (0 where it has none), bracket(lo, hi) (octav_bracketed),
+// plain(s, prev, iterations) and cold() -> the first iterate (from s = 0). The bracketed solver
+// runs on large groups; the plain iteration is kept where its exact path matters (early stops:
+// large rtol, few iterations) or a group is cache-resident.
+template <typename EstimateFn, typename BracketFn, typename PlainFn, typename ColdFn>
+float solve_group(int64_t len, float init, double octav_const, int64_t max_iters, double rtol,
+                  const EstimateFn& estimate, const BracketFn& bracket, const PlainFn& plain,
+                  const ColdFn& cold) {
+  // init > 0 is false for NaN and non-positive entries: those groups start cold.
+  const bool warm = init > 0.0f;
+  const bool bracketed = len >= kBracketMin && rtol <= kDefaultRtol && max_iters >= 16;
+  if (bracketed && warm && std::isfinite(init)) {
+    return octav_bracketed(init, octav_const, max_iters, rtol,
+                           static_cast<float>(init / kWarmBracket),
+                           static_cast<float>(init * kWarmBracket), bracket, plain);
+  }
+  if (bracketed && !warm) {
+    const float est = static_cast<float>(estimate());
+    if (est > 0.0f && std::isfinite(est)) {
+      // Start at the bracket's lower edge: the plain iteration climbs from the mean, so it
+      // stops at the lowest of several nearby fixed points (s = max|x| is always one).
+      float lo, hi;
+      bins_around(est, lo, hi);
+      return octav_bracketed(lo, octav_const, max_iters, rtol, lo, hi, bracket, plain);
+    }
+  }
+  return plain(warm ? init : cold(), std::numeric_limits<float>::quiet_NaN(), max_iters);
 }
 
 template <typename T, bool Signed>
 float octav_group(const GroupView<T>& g, const float* init, double octav_const,
                   int64_t max_iters, double rtol) {
-  // init > 0 is false for NaN and non-positive entries: those groups start cold.
-  const bool warm = init != nullptr && init[g.c] > 0.0f;
-  // The bracketed solver finds the fixed point; the plain iteration is kept where its exact
-  // path matters (early stops: large rtol, few iterations) or a group is cache-resident.
-  const bool bracketed = g.len >= kBracketMin && rtol <= kDefaultRtol && max_iters >= 16;
-  if (bracketed && warm && std::isfinite(init[g.c])) {
-    const float s = init[g.c];
-    return octav_bracketed<T, Signed>(g, s, octav_const, max_iters, rtol,
-                                      static_cast<float>(s / kWarmBracket),
-                                      static_cast<float>(s * kWarmBracket));
-  }
-  if (bracketed && !warm) {
+  auto estimate = [&] {
     std::vector<int64_t> counts;
-    if (histogram<T, Signed>(g, counts)) {
-      const float est = static_cast<float>(estimate_from_histogram(counts, octav_const));
-      if (est > 0.0f && std::isfinite(est)) {
-        // Start at the bracket's lower edge: the plain iteration climbs from the mean, so it
-        // stops at the lowest of several nearby fixed points (s = max|x| is always one).
-        float lo, hi;
-        bins_around(est, lo, hi);
-        return octav_bracketed<T, Signed>(g, lo, octav_const, max_iters, rtol, lo, hi);
-      }
-    }
-  }
-  float s;
-  if (warm) {
-    s = init[g.c];
-  } else {
+    return histogram<T, Signed>(g, counts) ? estimate_from_histogram(counts, octav_const, 1.0)
+                                           : 0.0;
+  };
+  auto bracket = [&](float lo, float hi) { return bracket_pass<T, Signed>(g, lo, hi); };
+  auto plain = [&](float s, float prev, int64_t iters) {
+    return iterate_plain<T, Signed>(g, s, prev, iters, octav_const, rtol);
+  };
+  auto cold = [&] {
     const Sums t = group_sums<T, Signed>(g, 0.0f);
-    s = next_scale(t.s_out, t.n_in, t.n_out, t.a_max, octav_const);
-  }
-  return iterate_plain<T, Signed>(g, s, std::numeric_limits<float>::quiet_NaN(), max_iters,
-                                  octav_const, rtol);
+    return next_scale(t.s_out, t.n_in, t.n_out, t.a_max, octav_const);
+  };
+  return solve_group(g.len, init != nullptr ? init[g.c] : 0.0f, octav_const, max_iters, rtol,
+                     estimate, bracket, plain, cold);
 }
 
-// The weighted fixed point of one group: plain passes (the bracketed solver's histogram and
-// bracket are unweighted), from init > 0 or one step from s = 0.
+// The weighted fixed point of one group (h: its row of the importance table): as octav_group,
+// with the weighted histogram, brackets and passes.
 template <typename T, bool Signed>
 float octav_group_weighted(const GroupView<T>& g, const float* h, const float* init,
                            double octav_const, int64_t max_iters, double rtol) {
-  auto next = [&](float at) {
-    return next_weighted<T, Signed>(weighted_sums<T, Signed>(g, h, at), g, h, octav_const);
+  auto next = [&](float s) {
+    return next_weighted<T, Signed>(weighted_sums<T, Signed>(g, h, s), g, h, octav_const);
   };
-  float s = init != nullptr && init[g.c] > 0.0f ? init[g.c] : next(0.0f);
-  float prev = std::numeric_limits<float>::quiet_NaN();
-  for (int64_t it = 0; it < max_iters; ++it) {
-    if (finished(next(s), s, prev, rtol)) break;
-  }
-  return s;
+  auto estimate = [&] {
+    std::vector<double> weights;
+    double unit;
+    return weighted_histogram<T, Signed>(g, h, weights, unit)
+               ? estimate_from_histogram(weights, octav_const, unit)
+               : 0.0;
+  };
+  auto bracket = [&](float lo, float hi) {
+    return weighted_bracket_pass<T, Signed>(g, h, lo, hi);
+  };
+  auto plain = [&](float s, float prev, int64_t iters) {
+    for (int64_t it = 0; it < iters; ++it) {
+      if (finished(next(s), s, prev, rtol)) break;
+    }
+    return s;
+  };
+  return solve_group(g.len, init != nullptr ? init[g.c] : 0.0f, octav_const, max_iters, rtol,
+                     estimate, bracket, plain, [&] { return next(0.0f); });
 }
 
 // Runs fn(c) for every group. Many groups: whole groups per thread (each group stays in cache
