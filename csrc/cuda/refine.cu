@@ -9,6 +9,13 @@
 // With importance h (SPEC §2.1: float32 in x's layout, fallback applied), each term is
 // double(h) * (d * d), the reference's float64 term; a template parameter, so the unweighted
 // kernel is unchanged.
+//
+// FP64 work: where |x| <= 2 * (hi * step) (all but outliers, NaN and inf), q - x is exact in
+// float (Sterbenz, as in the C++ pass: q == 0, or x within a factor 2 of q), so d is that float
+// difference widened, and d * d is exact in double: an FMA adds it with the same rounding as a
+// product and a sum. Two FP64-pipe instructions per element and candidate (a conversion and
+// the FMA) instead of four (two conversions, a difference, a product) plus the sum: on GPUs with
+// 1/64-rate FP64 (L4, A10, RTX) the pass stays FP64-bound (README, "GPU performance").
 #include "common.cuh"
 #include "kernels.h"
 
@@ -28,11 +35,14 @@ __global__ void __launch_bounds__(kSseBlock)
   const int64_t len = outer * inner;
   for (int64_t item = blockIdx.x; item < n_groups * splits; item += gridDim.x) {
     const int64_t g = item / splits, split = item % splits;
-    float step[kMaxCandidates];
+    float step[kMaxCandidates], bound[kMaxCandidates];
     double acc[kMaxCandidates];
 #pragma unroll
     for (int k = 0; k < kMaxCandidates; ++k) {  // unused slots repeat the last candidate
       step[k] = __fdiv_rn(cand[g * K + min(k, K - 1)], L);
+      // 2 * the clip level quantize() forms (hi * step, the same rounding): |x| within it makes
+      // q - x exact in float.
+      bound[k] = __fmul_rn(2.0f, __fmul_rn(hi, step[k]));
       acc[k] = 0.0;
     }
     const int64_t end = std::min(len, (split + 1) * per);
@@ -40,15 +50,19 @@ __global__ void __launch_bounds__(kSseBlock)
       const int64_t o = outer == 1 ? 0 : e / inner;
       const int64_t at = (o * n_groups + g) * inner + (e - o * inner);
       const float v = static_cast<float>(x[at]);
-      const double vd = v;
       double hd = 1.0;
       if constexpr (W) hd = static_cast<double>(h[at]);
 #pragma unroll
       for (int k = 0; k < kMaxCandidates; ++k) {
         if (k >= K) break;  // uniform across the block
-        const double d = static_cast<double>(quantize(v, step[k], lo, hi)) - vd;
+        const float q = quantize(v, step[k], lo, hi);
+        const bool exact = fabsf(v) <= bound[k];  // false for NaN and inf
+        const double d = exact ? static_cast<double>(__fsub_rn(q, v))
+                               : __dsub_rn(static_cast<double>(q), static_cast<double>(v));
         if constexpr (W) {
           acc[k] = __dadd_rn(acc[k], __dmul_rn(hd, __dmul_rn(d, d)));
+        } else if (exact) {
+          acc[k] = __fma_rn(d, d, acc[k]);  // d * d exact: the same sum as product, then add
         } else {
           acc[k] = __dadd_rn(acc[k], __dmul_rn(d, d));
         }
