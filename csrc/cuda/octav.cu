@@ -308,11 +308,62 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
+// Whether the current device takes cooperative launches (cudaDevAttrCooperativeLaunch: every
+// GPU from sm_60 on, though a virtualized one may refuse). Asked of the driver on each call.
+bool cooperative_launch_supported() {
+  int device = 0, supported = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&supported, cudaDevAttrCooperativeLaunch, device));
+  return supported != 0;
+}
+
 // The path solve() takes on the current device; weighted, an on-chip group also holds its
-// importance (4 bytes an element).
+// importance (4 bytes an element). A whole tensor goes to the global-memory path (one block,
+// the same sums in another order) where the device takes no cooperative launch.
 SolverPath path_for(const Geometry& geo, int64_t elem_size, bool weighted) {
-  return solver_path(geo.n_groups, geo.len(), elem_size + (weighted ? 4 : 0),
-                     octav_smem_budget(c10::cuda::current_device()));
+  const SolverPath path = solver_path(geo.n_groups, geo.len(), elem_size + (weighted ? 4 : 0),
+                                      octav_smem_budget(c10::cuda::current_device()));
+  if (path == SolverPath::kWholeTensor && !cooperative_launch_supported()) {
+    return SolverPath::kBlockGlobal;
+  }
+  return path;
+}
+
+// The whole-tensor kernel's grid: at most as many blocks as can be resident at once in the
+// current context (the kernel's occupancy times the SM count the driver reports now: under MPS
+// with an active-thread limit, the SMs this client may use), and at most max_blocks.
+template <typename Kernel>
+int whole_tensor_blocks(Kernel kernel, int64_t max_blocks) {
+  int per_sm = 0, device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, max_blocks)));
+}
+
+// Launches it cooperatively on `blocks` blocks. Where the launch is refused as too large (the
+// context's SMs are shared in a way the count does not show), it is retried with half the
+// blocks, down to one: the kernel's grid-stride passes are correct for any grid (its partials,
+// 2 * gridDim.x of them, are added in block order, so the grid changes only the order of those
+// sums).
+//
+// CUDA graphs: the occupancy and attribute queries are not stream work and a cooperative launch
+// is captured as a cooperative kernel node (CUDA 12+), so the solver can be captured; replays
+// use the grid chosen at capture. A cooperative grid waits until all its blocks can be resident:
+// kernels on other streams (NCCL's) can delay it, never deadlock it.
+template <typename Kernel>
+void launch_cooperative(Kernel kernel, int blocks, void** args, cudaStream_t stream) {
+  for (;;) {
+    const cudaError_t err =
+        cudaLaunchCooperativeKernel((void*)kernel, blocks, kBlock, args, 0, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge || blocks == 1) {
+      C10_CUDA_CHECK(err);
+      return;
+    }
+    (void)cudaGetLastError();  // clear the refused launch's error before the retry
+    blocks /= 2;
+  }
 }
 
 // Solves every group, weighted by h where it is defined (float32 in x's layout); writes y too
@@ -365,21 +416,16 @@ void solve(const at::Tensor& x, const at::Tensor& h, const at::Tensor& init, at:
          dispatch_bool(mp != nullptr, [&](auto m) {
           auto kernel =
               octav_tensor_kernel<scalar_t, S, decltype(v)::value, decltype(m)::value, W>;
-          int per_sm = 0;
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
-          const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
           const int64_t n_chunks = (len + kChunk - 1) / kChunk;
-          const int blocks = static_cast<int>(std::max<int64_t>(
-              1, std::min<int64_t>(static_cast<int64_t>(per_sm) * sms,
-                                   (n_chunks + kBlock * 4 - 1) / (kBlock * 4))));
+          const int blocks =
+              whole_tensor_blocks(kernel, (n_chunks + kBlock * 4 - 1) / (kBlock * 4));
           auto partials = at::empty({2 * blocks * static_cast<int64_t>(sizeof(Totals<W>))},
                                     x.options().dtype(at::kByte));
           Totals<W>* pp = reinterpret_cast<Totals<W>*>(partials.data_ptr<uint8_t>());
           int64_t numel = len;
           void* args[] = {(void*)&xp, (void*)&hp, (void*)&numel, (void*)&sp, (void*)&yp,
                           (void*)&mp, (void*)&pp, (void*)&solver, (void*)&qz};
-          C10_CUDA_CHECK(cudaLaunchCooperativeKernel((void*)kernel, blocks, kBlock, args, 0,
-                                                     stream));
+          launch_cooperative(kernel, blocks, args, stream);
          });
         });
       }
