@@ -303,6 +303,32 @@ def test_nonfinite_check_without_a_host_sync_per_step(monkeypatch):
     ok.check_finite(model)  # checked: nothing pending
 
 
+def test_deferred_record_catches_every_bad_value(monkeypatch):
+    """The device record (largest |t|, or |log t| for a learned scale) turns NaN or inf for
+    every bad value: -inf in a bfloat16 input, a learned scale of 0 or below; clean steps leave
+    it finite."""
+    monkeypatch.setattr(ok.Quantizer, "deferred_check", ("cpu",))
+    act = ok.QuantAct(4, calibrator="max").train()
+    act.name = "act"
+    x = make_data((64,), seed=14).bfloat16()
+    act(x)
+    act.check_nonfinite()
+    x[5] = -float("inf")
+    act(x)
+    with pytest.raises(ValueError, match="^act: the input of one of the last 1"):
+        act.check_nonfinite()
+    for bad in (0.0, -0.5, float("inf")):
+        learned = ok.QuantAct(4, mode="learned").train()
+        learned.name = "learned"
+        learned(make_data((64,), seed=15))
+        learned.check_nonfinite()
+        with torch.no_grad():
+            learned.scale.fill_(bad)
+        learned.check_learned()  # recorded, not raised
+        with pytest.raises(ValueError, match="^learned: the learned scale was not positive"):
+            learned.check_nonfinite()
+
+
 def test_nonfinite_check_sees_compiled_steps(monkeypatch):
     """Steps run under torch.compile record NaN/inf on the device without being counted;
     check_finite(model) and the first eval forward still read the flag and raise (issue 29)."""

@@ -151,10 +151,11 @@ class Quantizer(OscillationTracking, nn.Module):
         self._learned_set = False  # a learned scale: whether the Parameter holds a scale yet
         self._own_scale = None  # the learned scale Parameter it made (not a wrapper's swap)
         self.register_buffer("scale", torch.empty(0))
-        # The GPU NaN/inf flag: a plain attribute, not a buffer, so that DDP's buffer broadcast
-        # (from rank 0 at every forward) cannot erase what another rank recorded; it follows
-        # the data's device lazily (_all_finite).
-        self._nonfinite = torch.zeros((), dtype=torch.bool)
+        # The GPU NaN/inf record (_all_finite): the largest magnitude checked since the last
+        # check point, NaN or inf once a bad value was seen. A plain attribute, not a buffer,
+        # so that DDP's buffer broadcast (from rank 0 at every forward) cannot erase what
+        # another rank recorded; it follows the data's device lazily.
+        self._nonfinite = torch.zeros(())
         policy.attach(self)
 
     @property
@@ -473,19 +474,20 @@ class Quantizer(OscillationTracking, nn.Module):
         """Whether every element of ``t`` is finite (and > 0 if ``positive``): at once on the
         CPU, from its min and max (NaN propagates into both; one reduction, cheaper than
         ``isfinite(t).all()``); on a GPU (no host sync per step) it is recorded on the device,
-        read at a check point, and this returns True."""
+        read at a check point, and this returns True. The record is two kernels: the largest
+        ``|t|`` (``|log t|`` when ``positive``: NaN or -inf for ``t <= 0``), NaN or inf exactly
+        where ``t`` holds a bad value (torch's max reductions propagate NaN), and its running
+        maximum (``torch.maximum`` propagates NaN too)."""
         if t.numel() == 0:
             return True
         if t.device.type not in self.deferred_check:
             lo, hi = torch.aminmax(t)
             lo, hi = float(lo), float(hi)
             return (lo > 0 if positive else lo > -math.inf) and hi < math.inf
-        good = torch.isfinite(t).all()
-        if positive:
-            good &= (t > 0).all()
-        if self._nonfinite.device != good.device:
-            self._nonfinite = torch.zeros((), dtype=torch.bool, device=good.device)
-        self._nonfinite |= ~good
+        worst = torch.linalg.vector_norm(t.log() if positive else t, math.inf)
+        if self._nonfinite.device != worst.device:
+            self._nonfinite = torch.zeros((), device=worst.device)
+        torch.maximum(self._nonfinite, worst, out=self._nonfinite)
         if torch.compiler.is_compiling():  # a Python counter would recompile at every step
             self._uncounted = True
         else:
@@ -500,7 +502,7 @@ class Quantizer(OscillationTracking, nn.Module):
         every scale is checked at once)."""
         unchecked, self._unchecked = self._unchecked, 0
         counted, self._uncounted = not self._uncounted, False
-        if (unchecked or not counted) and bool(self._nonfinite):
+        if (unchecked or not counted) and not bool(torch.isfinite(self._nonfinite)):
             self._nonfinite.zero_()
             when = f"one of the last {unchecked}" if counted else "a recent"
             steps = "steps" if counted else "step"
