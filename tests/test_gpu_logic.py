@@ -176,13 +176,18 @@ def test_triton_launches_on_the_tensors_gpu(monkeypatch):
 ])
 def test_triton_multi_program_pass_is_the_one_program_pass(monkeypatch, case):
     """Large groups spread each pass over one program per block; the block sums are added in
-    the one-program pass's order, so scales and sums are the same bits, for cold and warm
-    starts and early stops."""
+    the one-program pass's order (chunks of CHUNK_BLOCKS blocks, then the chunks; here 2 blocks
+    a chunk and 2 chunks side by side in the finish, so several chunks, tiles and a short last
+    chunk occur), so scales and sums are the same bits, for cold and warm starts and early
+    stops, weighted or not."""
     from octav_kernels.triton import octav as triton_octav
 
     shape, gran = case
     x = make_data(shape, seed=11)
+    h = torch.rand(shape, generator=torch.Generator().manual_seed(12)) ** 2
     scale = reference_scale(x, 4, **gran)
+    monkeypatch.setattr(triton_octav, "CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(triton_octav, "_CHUNK_TILE", 2)
     runs = []
     for multi_min in (1 << 62, 2_048):  # the one-program path, then the multi-program one
         monkeypatch.setattr(triton_octav, "MULTI_MIN", multi_min)
@@ -193,7 +198,9 @@ def test_triton_multi_program_pass_is_the_one_program_pass(monkeypatch, case):
                          ok.octav_scale(x, 4, max_iters=2, rtol=0.0, **gran),
                          ok.octav_scale(x, 4, max_iters=0, **gran),
                          ok.octav_scale(x, 4, init=scale, max_iters=0, **gran),
-                         *ok.masked_sums(x, scale * 0.8, **gran)])
+                         ok.octav_scale(x, 4, importance=h, **gran),
+                         *ok.masked_sums(x, scale * 0.8, **gran),
+                         *ok.masked_sums(x, scale * 0.8, importance=h, **gran)])
     for one, multi in zip(*runs):
         assert_bitwise(multi, one)
     assert_scale_close(runs[1][0], scale, torch.float32)
