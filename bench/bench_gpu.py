@@ -44,7 +44,10 @@ can exceed the HBM's.
 "n/a (why)": PyTorch lacks the dtype, compiling failed, or the tensors do not fit.
 
 The targets table judges the ratios of issue 9 per backend on the cases of at least 16M elements
-(with ``--quick``: the largest case of each granularity) and shows the worst case.
+(with ``--quick``: the largest case of each granularity) and shows the worst case. The LSQ table
+(issue 29) times ``fake_quantize_lsq`` forward + backward against ``fake_quantize``'s on a
+4096x4096 weight at g32, g128 and per channel, in the first dtype; the few-groups table times
+``octav_scale`` of ``[4, 4M]`` per channel against per tensor on the same 16M elements.
 """
 
 from __future__ import annotations
@@ -419,6 +422,66 @@ def plot(rows: list[Row], path: str) -> None:
     print(f"plot written to {path}", file=sys.stderr)
 
 
+LSQ_GRANS = [("g32", {"group_size": 32}), ("g128", {"group_size": 128}),
+             ("per channel", {"dim": 0})]
+LSQ_TARGET = 1.3  # issue 29: LSQ forward + backward within 1.3x of fake_quantize's
+
+
+def lsq_table(device: torch.device, backends: list[str], dtype_name: str, repeats: int,
+              quick: bool) -> list[str]:
+    """LSQ (``fake_quantize_lsq``: grad_x and the scale's gradient) against ``fake_quantize``
+    with a fixed scale (grad_x only), forward + backward through autograd with MAD, on the
+    4096x4096 weight (``--quick``: 64x256) at g32, g128 and per channel."""
+    shape = QUICK_SHAPE if quick else (4096, 4096)
+    x, g = make_data(shape, DTYPES[dtype_name], device)
+    label = "x".join(map(str, shape))
+    lines = [f"### LSQ forward + backward against fake_quantize's, {label} {dtype_name} "
+             f"(median of up to {repeats} runs; target <= {LSQ_TARGET}x, issue 29)", "",
+             "| granularity | backend | fake_quantize fwd+bwd | LSQ fwd+bwd | ratio | target |",
+             "|---|---|---:|---:|---:|---|"]
+    for gran_name, gran in LSQ_GRANS:
+        scale = ok.max_scale(x, **gran) / 2
+
+        def fixed(gran=gran, scale=scale) -> None:
+            leaf = x.detach().requires_grad_()
+            ok.fake_quantize(leaf, scale, BITS, **gran).backward(g)
+
+        def learned(gran=gran, scale=scale) -> None:
+            leaf = x.detach().requires_grad_()
+            ok.fake_quantize_lsq(leaf, scale.detach().requires_grad_(), BITS, **gran).backward(g)
+
+        for name in backends:
+            a, note_a = measure(Provider(fixed, 5, name), device, repeats)
+            b, note_b = measure(Provider(learned, 5, name), device, repeats)
+            ratio = None if a is None or b is None else b / a
+            verdict = "-" if ratio is None else ("met" if ratio <= LSQ_TARGET else "missed")
+            lines.append(f"| {gran_name} | {name} | {note_a or f'{a:.3f} ms'} | "
+                         f"{note_b or f'{b:.3f} ms'} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines + [""]
+
+
+def few_groups_table(device: torch.device, backends: list[str], repeats: int,
+                     quick: bool) -> list[str]:
+    """``octav_scale`` of a few huge groups (``[4, n]``, ``dim=0``: the CUDA few-groups split,
+    issue 29) against the per-tensor scale of the same ``4 n`` elements, float32, cold start."""
+    n = 2**16 if quick else 2**22
+    x, _ = make_data((4, n), torch.float32, device)
+    lines = [f"### Few large groups: octav_scale of [4, {n}] per channel against per tensor "
+             f"(median of up to {repeats} runs)", "",
+             "| backend | [4, n], dim=0 | per tensor | ratio |", "|---|---:|---:|---:|"]
+    for name in backends:
+        a, note_a = measure(Provider(lambda: ok.octav_scale(x, BITS, dim=0), 1, name), device,
+                            repeats)
+        b, note_b = measure(Provider(lambda: ok.octav_scale(x, BITS), 1, name), device, repeats)
+        ratio = "-" if a is None or b is None else f"{a / b:.2f}x"
+        lines.append(f"| {name} | {note_a or f'{a:.3f} ms'} | {note_b or f'{b:.3f} ms'} | "
+                     f"{ratio} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines + [""]
+
+
 def header(device: torch.device, commit: str | None, command: str) -> list[str]:
     if commit is None:
         try:
@@ -486,9 +549,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     command = shlex.join(["python"] + sys.argv)
+    extra = (lsq_table(device, backends, dtypes[0], repeats, args.quick)
+             + few_groups_table(device, backends, repeats, args.quick))
     emit([f"# GPU benchmark: OCTAV fake quantization ({device.type})", ""]
          + header(device, args.commit, command) + results_tables(rows, repeats)
-         + targets_table(rows, backends), args.out)
+         + targets_table(rows, backends) + [""] + extra, args.out)
     if args.plot:
         plot(rows, args.plot)
 

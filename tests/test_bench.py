@@ -29,7 +29,11 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
         assert len(mine) == 2 and not any("n/a" in row for row in mine), (name, mine)
     assert "| torch.compile(naive loop) | skipped (--quick) |" in text
     assert "### Targets (issue 9)" in text
-    assert sum(row.startswith("| cpu |") for row in rows) == 6  # one row per target
+    assert sum(row.startswith("| cpu |") for row in rows) == 7  # 6 targets, 1 few-groups row
+    assert "### LSQ forward + backward" in text and "### Few large groups" in text
+    lsq = [row for row in rows if row.startswith(("| g32 | cpu", "| g128 | cpu",
+                                                  "| per channel | cpu"))]
+    assert len(lsq) == 3 and not any("n/a" in row for row in lsq), lsq
 
 
 def test_bench_overhead_quick(tmp_path):

@@ -23,7 +23,8 @@ pytestmark = [
 # One case per path of csrc/cuda/octav.cu; the sizes at the block-per-group thresholds come from
 # this GPU's shared-memory budget (csrc/cuda/solver_path.h).
 SOLVER_PATHS = ["warp-per-group", "block-per-group", "block-per-group-global", "strided-groups",
-                "blocks", "tensor-warp", "tensor-block", "tensor-cooperative"]
+                "blocks", "tensor-warp", "tensor-block", "tensor-cooperative", "few-groups",
+                "few-groups-strided"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -31,10 +32,15 @@ def path_case(path, dtype):
     """(shape, granularity, the solver path it takes) for one case of SOLVER_PATHS."""
     budget = backend.compiled().cuda_octav_smem_budget(torch.cuda.current_device())
     on_chip = budget // (torch.finfo(dtype).bits // 8)  # the most elements a block holds
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     shape, kw = {
         "warp-per-group": ((37, 1000), {"dim": 0}),
         "block-per-group": ((5, 3000), {"dim": 0}),
-        "block-per-group-global": ((2, on_chip + 5000), {"dim": 0}),
+        # Global-memory groups: a block each from as many groups as SMs, else split across
+        # blocks (the few-groups cooperative kernel, decided at the call from the SM count).
+        "block-per-group-global": ((sms + 1, on_chip + 5000), {"dim": 0}),
+        "few-groups": ((2, on_chip + 5000), {"dim": 0}),
+        "few-groups-strided": ((8, 3, on_chip // 8 + 700), {"dim": 1}),
         "strided-groups": ((4, 7, 300), {"dim": 1}),
         "blocks": ((64, 96), {"group_size": 32}),
         "tensor-warp": ((700,), {}),
@@ -54,7 +60,9 @@ def test_solver_paths(path, signed, dtype):
     shape, kw, taken = path_case(path, dtype)
     assert taken == {"strided-groups": "block-per-group", "blocks": "warp-per-group",
                      "tensor-warp": "warp-per-group", "tensor-block": "block-per-group",
-                     "tensor-cooperative": "whole-tensor"}.get(path, path)
+                     "tensor-cooperative": "whole-tensor",
+                     "few-groups": "block-per-group-global",
+                     "few-groups-strided": "block-per-group-global"}.get(path, path)
     x = make_data(shape, dtype, signed, seed=len(shape) + shape[-1])
     expected = reference_scale(x, 4, signed=signed, **kw)
     warm_init = expected * 1.03
@@ -71,6 +79,24 @@ def test_solver_paths(path, signed, dtype):
         ref_sums = ok.masked_sums(x, expected, signed=signed, **kw)
     assert torch.equal(sums[1], ref_sums[1]) and torch.equal(sums[2], ref_sums[2])
     assert_scale_close(sums[0], ref_sums[0], dtype)
+
+
+def test_few_groups_split_weighted_warm_and_early_stops():
+    """The few-groups cooperative kernel (issue 29) with importance, warm starts, early stops
+    and max_iters=0, against the reference; the same bits over repeated calls."""
+    budget = backend.compiled().cuda_octav_smem_budget(torch.cuda.current_device())
+    x = make_data((3, budget // 4 + 7000), seed=31)
+    h = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(32)).to(x.device)
+    expected = reference_scale(x, 4, dim=0)
+    cases = [dict(importance=h), dict(init=expected * 1.05), dict(max_iters=2, rtol=0.0),
+             dict(max_iters=0), dict(init=expected, max_iters=0), dict(signed=False)]
+    for kw in cases:
+        data = x if kw.get("signed", True) else x.abs()
+        want = reference_scale(data, 4, dim=0, **kw)
+        with use_backend("cuda"):
+            runs = [ok.octav_scale(data, 4, dim=0, **kw) for _ in range(3)]
+        assert_scale_close(runs[0], want, torch.float32)
+        assert all(torch.equal(r, runs[0]) for r in runs), kw
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -219,11 +245,14 @@ def test_nonfinite_check_sees_compiled_steps_on_the_gpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("gran", [{"group_size": 32}, {"group_size": 128}, {"dim": 0}, {}],
-                         ids=["g32", "g128", "channel", "tensor"])
+@pytest.mark.parametrize("gran", [{"group_size": 32}, {"group_size": 128}, {"dim": 0}, {},
+                                  {"dim": 1}],
+                         ids=["g32", "g128", "channel", "tensor", "strided"])
 def test_lsq_backward_matches_the_reference_and_repeats(gran, dtype):
-    """The LSQ backward at the granularities of issue 29: grad_x bit for bit against the
-    reference, grad_scale within float64-sum rounding of it and identical over 3 runs."""
+    """The LSQ backward at the granularities of issue 29 (g32, g128 and rows of 512: a warp per
+    group; per tensor: blocks over slices; dim 1: a thread per group and slice): grad_x bit for
+    bit against the reference, grad_scale within float64-sum rounding of it and identical over
+    3 runs."""
     x = make_data((256, 512), seed=15).to(dtype)
     g = make_data((256, 512), seed=16).to(dtype)
     scale = ok.max_scale(x, **gran) / 2

@@ -20,6 +20,7 @@ from conftest import (
     BACKEND_DTYPES,
     GRANULARITIES,
     GRIDS,
+    KERNEL_BACKENDS,
     MATRIX_SHAPE,
     assert_bitwise,
     make_data,
@@ -139,6 +140,34 @@ def test_lsq_backward_parity(name, dtype, gran, grid, bits, grad):
         y = ok.fake_quantize_lsq(x, scale, bits, **kw)
     assert_bitwise(y, reference.fake_quantize(x, scale, bits, signed, dim,
                                               gran.get("group_size"), grad, narrow))
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("gran", [{"group_size": 4}, {"group_size": 32}, {"dim": 1}, {"dim": 0}],
+                         ids=["g4", "g32", "strided", "rows"])
+def test_many_short_groups_and_strided_groups(name, gran):
+    """The kernels' shapes for small and strided groups (issue 29): thousands of groups of 4 and
+    32 (Triton: 256 and 128 groups to a program, a partial last one; CUDA: a warp per group),
+    per channel along dim 1 of [300, 64] (inner 1: CUDA's thread-per-group kernel) and 300
+    rows of 64: grad_x bit for bit, grad_scale within float64-sum rounding."""
+    x = make_data((300, 64), seed=21)
+    g = make_data((300, 64), seed=22)
+    frozen = torch.zeros(300, 64, dtype=torch.bool)
+    scale = ok.max_scale(x, **gran) / 2
+    want_x, want_s = reference.fake_quantize_lsq_backward(g, x, scale, 3, True, gran.get("dim"),
+                                                          gran.get("group_size"))
+    got_x, got_s = lsq_grads(name, x, scale, 3, g, **gran)
+    assert_bitwise(got_x, want_x)
+    assert_scale_grad_close(got_s, want_s, x, scale, 3, g, **gran)
+    frozen[::7, ::3] = True  # and with frozen elements
+    with use_backend(name):
+        got_x, got_s = torch.ops.octav.fake_quantize_lsq_backward(
+            g, x, scale, 3, True, gran.get("dim"), gran.get("group_size"), "mad", False, True,
+            frozen)
+    want_x, want_s = reference.fake_quantize_lsq_backward(g, x, scale, 3, True, gran.get("dim"),
+                                                          gran.get("group_size"), frozen=frozen)
+    assert_bitwise(got_x, want_x)
+    assert_scale_grad_close(got_s, want_s, x, scale, 3, g, **gran)
 
 
 @pytest.mark.parametrize("name", ALL_BACKENDS)

@@ -236,6 +236,100 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Few large groups (fewer than the SMs, too large for shared memory: per-channel scales along
+// a long dim, a [2, 10M] tensor; issue 29), one cooperative launch: gridDim.x = n_groups * bpg,
+// block b reduces slice b % bpg of group b / bpg (a grid-stride share of the group's elements,
+// bpg blocks per group) instead of one block per group on n_groups SMs. Each pass, the blocks
+// write their partials, the grid synchronizes, and in every block thread g (< n_groups) adds the
+// bpg partials of group g in order and steps group g's iteration: every block holds the same
+// state of every group (bit-identical), so they agree on when all groups have stopped and take
+// the same number of grid barriers. Partials are double-buffered by pass parity. Then the
+// blocks write y for their slices (fused, y != nullptr).
+constexpr int kMaxFewGroups = 256;  // of the shared state (<= kBlock: a thread per group)
+
+template <typename T, bool Signed, bool W>
+__global__ void __launch_bounds__(kBlock)
+    octav_few_groups_kernel(const T* __restrict__ x, const float* __restrict__ h,
+                            float* __restrict__ scale_out, T* __restrict__ y,
+                            Totals<W>* __restrict__ partials, Geometry geo, Solver solver,
+                            Quantizer qz) {
+  __shared__ Totals<W> scratch[kWarp];
+  __shared__ float state_s[kMaxFewGroups], state_prev[kMaxFewGroups];
+  __shared__ int state_iters[kMaxFewGroups];
+  __shared__ unsigned char state_phase[kMaxFewGroups];  // 0 cold start due, 1 iterating, 2 done
+  cg::grid_group grid = cg::this_grid();
+  const int64_t n_groups = geo.n_groups, len = geo.len();
+  const int64_t bpg = gridDim.x / n_groups;  // the launch makes gridDim.x a multiple
+  const int64_t c = blockIdx.x / bpg, slice = blockIdx.x % bpg;
+  const int64_t stride = bpg * blockDim.x;
+  for (int g = threadIdx.x; g < n_groups; g += blockDim.x) {
+    const float init = solver.init != nullptr ? solver.init[g] : 0.0f;
+    const bool warm = init > 0.0f;  // false for NaN and non-positive inits: a cold start
+    state_s[g] = warm ? init : 0.0f;
+    state_prev[g] = std::numeric_limits<float>::quiet_NaN();
+    state_iters[g] = 0;
+    state_phase[g] = warm ? (solver.max_iters > 0 ? 1 : 2) : 0;
+  }
+  __syncthreads();
+  int parity = 0;
+  for (;;) {
+    if (state_phase[c] != 2) {  // uniform over the block
+      const float s = state_s[c];  // 0 for the cold start's pass
+      Totals<W> mine;
+      Stats<W> part;
+      int n = 0;
+      for (int64_t j = slice * blockDim.x + threadIdx.x; j < len; j += stride) {
+        const int64_t o = geo.offset(c, j);
+        if constexpr (W) {
+          part.template add<Signed>(static_cast<float>(x[o]), h[o], s);
+        } else {
+          part.template add<Signed>(static_cast<float>(x[o]), s);
+        }
+        if (++n == 256) {  // keep float partials short
+          mine.add(part);
+          part = Stats<W>{};
+          n = 0;
+        }
+      }
+      mine.add(part);
+      const Totals<W> block = block_sum(mine, scratch);
+      if (threadIdx.x == 0) partials[parity * gridDim.x + blockIdx.x] = block;
+    }
+    grid.sync();
+    for (int g = threadIdx.x; g < n_groups; g += blockDim.x) {
+      if (state_phase[g] == 2) continue;
+      Totals<W> t;
+      const Totals<W>* mine = partials + parity * gridDim.x + g * bpg;
+      for (int64_t k = 0; k < bpg; ++k) t.add(mine[k]);
+      const float nxt = next_scale(t, solver.octav_const);
+      if (state_phase[g] == 0) {  // the cold start: the mean of the nonzero a
+        state_s[g] = nxt;
+        state_phase[g] = solver.max_iters > 0 ? 1 : 2;
+        continue;
+      }
+      float s = state_s[g], prev = state_prev[g];
+      const bool stop = finished(nxt, s, prev, solver.rtol);
+      state_s[g] = s;
+      state_prev[g] = prev;
+      state_phase[g] = stop || ++state_iters[g] >= solver.max_iters ? 2 : 1;
+    }
+    parity ^= 1;
+    // Every block reaches the same decision (the same state): the same number of barriers.
+    const bool running = threadIdx.x < n_groups && state_phase[threadIdx.x] != 2;
+    if (!__syncthreads_or(running)) break;
+  }
+  if (blockIdx.x == 0) {
+    for (int g = threadIdx.x; g < n_groups; g += blockDim.x) scale_out[g] = state_s[g];
+  }
+  if (y != nullptr) {
+    const float step = __fdiv_rn(state_s[c], qz.L);
+    for (int64_t j = slice * blockDim.x + threadIdx.x; j < len; j += stride) {
+      const int64_t o = geo.offset(c, j);
+      y[o] = static_cast<T>(quantize(static_cast<float>(x[o]), step, qz.lo, qz.hi));
+    }
+  }
+}
+
 // masked_sums: item b = c * splits + split reduces elements [split * per, (split + 1) * per)
 // of group c; blocks loop over items (a 1-D grid: gridDim.y would cap the groups at 65535).
 // W: weighted by h (read at x's offsets).
@@ -317,14 +411,26 @@ bool cooperative_launch_supported() {
   return supported != 0;
 }
 
+// The SM count of the current device, as the driver reports it now.
+int current_sms() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 // The path solve() takes on the current device; weighted, an on-chip group also holds its
-// importance (4 bytes an element). A whole tensor goes to the global-memory path (one block,
-// the same sums in another order) where the device takes no cooperative launch.
+// importance (4 bytes an element). Global-memory groups fewer than the SMs are split across
+// blocks (kFewGroups). Without cooperative launches, a whole tensor goes to the global-memory
+// path (one block, the same sums in another order) and few groups stay a block each.
 SolverPath path_for(const Geometry& geo, int64_t elem_size, bool weighted) {
   const SolverPath path = solver_path(geo.n_groups, geo.len(), elem_size + (weighted ? 4 : 0),
                                       octav_smem_budget(c10::cuda::current_device()));
-  if (path == SolverPath::kWholeTensor && !cooperative_launch_supported()) {
-    return SolverPath::kBlockGlobal;
+  if (path != SolverPath::kWholeTensor && path != SolverPath::kBlockGlobal) return path;
+  if (!cooperative_launch_supported()) return SolverPath::kBlockGlobal;
+  if (path == SolverPath::kBlockGlobal && geo.n_groups <= kMaxFewGroups &&
+      geo.n_groups < current_sms()) {
+    return SolverPath::kFewGroups;
   }
   return path;
 }
@@ -334,35 +440,33 @@ SolverPath path_for(const Geometry& geo, int64_t elem_size, bool weighted) {
 // with an active-thread limit, the SMs this client may use), and at most max_blocks.
 template <typename Kernel>
 int whole_tensor_blocks(Kernel kernel, int64_t max_blocks) {
-  int per_sm = 0, device = 0, sms = 0;
+  int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, max_blocks)));
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(static_cast<int64_t>(per_sm) * current_sms(), max_blocks)));
 }
 
-// Launches it cooperatively on `blocks` blocks. Where the launch is refused as too large (the
-// context's SMs are shared in a way the count does not show), it is retried with half the
-// blocks, down to one: the kernel's grid-stride passes are correct for any grid (its partials,
-// 2 * gridDim.x of them, are added in block order, so the grid changes only the order of those
-// sums).
+// Launches a cooperative solver on `blocks` blocks (a multiple of `unit`). Where the launch is
+// refused as too large (the context's SMs are shared in a way the count does not show), it is
+// retried with about half the blocks, down to `unit`: the kernels' grid-stride passes are
+// correct for any such grid (their partials, 2 * gridDim.x of them, are added in block order,
+// so the grid changes only the order of those sums).
 //
 // CUDA graphs: the occupancy and attribute queries are not stream work and a cooperative launch
 // is captured as a cooperative kernel node (CUDA 12+), so the solver can be captured; replays
 // use the grid chosen at capture. A cooperative grid waits until all its blocks can be resident:
 // kernels on other streams (NCCL's) can delay it, never deadlock it.
 template <typename Kernel>
-void launch_cooperative(Kernel kernel, int blocks, void** args, cudaStream_t stream) {
+void launch_cooperative(Kernel kernel, int blocks, int unit, void** args, cudaStream_t stream) {
   for (;;) {
     const cudaError_t err =
         cudaLaunchCooperativeKernel((void*)kernel, blocks, kBlock, args, 0, stream);
-    if (err != cudaErrorCooperativeLaunchTooLarge || blocks == 1) {
+    if (err != cudaErrorCooperativeLaunchTooLarge || blocks == unit) {
       C10_CUDA_CHECK(err);
       return;
     }
     (void)cudaGetLastError();  // clear the refused launch's error before the retry
-    blocks /= 2;
+    blocks = std::max(unit, blocks / 2 / unit * unit);
   }
 }
 
@@ -404,6 +508,22 @@ void solve(const at::Tensor& x, const at::Tensor& h, const at::Tensor& init, at:
         allow_smem(kernel, group_bytes);
         kernel<<<grid_for(geo.n_groups, 1), threads, group_bytes, stream>>>(xp, hp, sp, yp, geo,
                                                                               solver, qz);
+      } else if (path == SolverPath::kFewGroups) {
+        auto kernel = octav_few_groups_kernel<scalar_t, S, W>;
+        const int64_t n = geo.n_groups;
+        // Blocks per group: what is resident over the groups, none with under 16 elements a
+        // thread.
+        const int64_t bpg = std::max<int64_t>(
+            1, std::min<int64_t>(whole_tensor_blocks(kernel, n * grid_for(len, kBlock * 16)) / n,
+                                 grid_for(len, kBlock * 16)));
+        const int blocks = static_cast<int>(bpg * n);
+        auto partials = at::empty({2 * blocks * static_cast<int64_t>(sizeof(Totals<W>))},
+                                  x.options().dtype(at::kByte));
+        Totals<W>* pp = reinterpret_cast<Totals<W>*>(partials.data_ptr<uint8_t>());
+        Geometry g = geo;
+        void* args[] = {(void*)&xp, (void*)&hp, (void*)&sp, (void*)&yp, (void*)&pp, (void*)&g,
+                        (void*)&solver, (void*)&qz};
+        launch_cooperative(kernel, blocks, static_cast<int>(n), args, stream);
       } else if (path == SolverPath::kBlockGlobal) {
         octav_groups_kernel<scalar_t, S, kBlock, false, W>
             <<<grid_for(geo.n_groups, 1), kBlock, 0, stream>>>(xp, hp, sp, yp, geo, solver, qz);
@@ -425,7 +545,7 @@ void solve(const at::Tensor& x, const at::Tensor& h, const at::Tensor& init, at:
           int64_t numel = len;
           void* args[] = {(void*)&xp, (void*)&hp, (void*)&numel, (void*)&sp, (void*)&yp,
                           (void*)&mp, (void*)&pp, (void*)&solver, (void*)&qz};
-          launch_cooperative(kernel, blocks, args, stream);
+          launch_cooperative(kernel, blocks, 1, args, stream);
          });
         });
       }

@@ -8,7 +8,10 @@
 
 namespace octav::cuda {
 
-enum class SolverPath { kWarpPerGroup, kBlockOnChip, kBlockGlobal, kWholeTensor };
+// kFewGroups: the global-memory groups split across blocks when there are fewer of them than
+// SMs (decided in octav.cu at the call, from the device's SM count; solver_path() says
+// kBlockGlobal for them).
+enum class SolverPath { kWarpPerGroup, kBlockOnChip, kBlockGlobal, kWholeTensor, kFewGroups };
 
 constexpr int64_t kWarpGroupMax = 1024;  // elements of a group a warp solves
 constexpr int64_t kWarpsPerBlock = 8;    // groups per block in the warp-per-group kernel
@@ -38,6 +41,7 @@ inline const char* path_name(SolverPath p) {
     case SolverPath::kWarpPerGroup: return "warp-per-group";
     case SolverPath::kBlockOnChip: return "block-per-group";
     case SolverPath::kBlockGlobal: return "block-per-group-global";
+    case SolverPath::kFewGroups: return "few-groups-split";
     default: return "whole-tensor";
   }
 }
