@@ -42,13 +42,16 @@ step "compute-sanitizer memcheck / racecheck"
 memcheck="float32 or not solver"
 racecheck="solver_paths and float32 and not unsigned"
 lsq="lsq and float32"  # the LSQ backward (issue 29)
-for k in "$memcheck" "$racecheck" "$lsq"; do
-  n=$(python3 -m pytest tests/test_cuda.py -q --co -p no:cacheprovider -k "$k" | grep -c "::")
-  echo "selection '$k': $n tests"
+# test_lsq.py's CUDA cases: every LSQ kernel shape (warp, strided, block), frozen elements
+lsq_file="cuda-cuda and (many_short or by_hand or frozen)"
+for fk in "tests/test_cuda.py:$memcheck" "tests/test_cuda.py:$racecheck" \
+          "tests/test_cuda.py:$lsq" "tests/test_lsq.py:$lsq_file"; do
+  n=$(python3 -m pytest "${fk%%:*}" -q --co -p no:cacheprovider -k "${fk#*:}" | grep -c "::")
+  echo "selection '$fk': $n tests"
   [ "$n" -gt 0 ] || exit 1
 done
-sanitize() {  # tool, selection, log name, time limit
-  timeout "$4" compute-sanitizer --tool "$1" python3 -m pytest tests/test_cuda.py -q \
+sanitize() {  # tool, selection, log name, time limit[, test file]
+  timeout "$4" compute-sanitizer --tool "$1" python3 -m pytest "${5:-tests/test_cuda.py}" -q \
     -p no:cacheprovider -k "$2" > "$OUT/$3" 2>&1
   tail -3 "$OUT/$3"
 }
@@ -56,6 +59,8 @@ sanitize memcheck "$memcheck" memcheck.log 150
 sanitize racecheck "$racecheck" racecheck.log 240
 sanitize memcheck "$lsq" memcheck_lsq.log 150
 sanitize racecheck "$lsq" racecheck_lsq.log 150
+sanitize memcheck "$lsq_file" memcheck_test_lsq.log 120 tests/test_lsq.py
+sanitize racecheck "$lsq_file" racecheck_test_lsq.log 120 tests/test_lsq.py
 
 fi
 

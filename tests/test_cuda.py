@@ -162,6 +162,43 @@ def test_more_groups_than_a_grid_dimension_holds():
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 
 
+_CONTEXTS = r"""
+import os, sys, torch, pynvml
+import octav_kernels as ok
+x = torch.randn(4096, 64, device="cuda:0")
+for name in ("cuda", "triton"):
+    with ok.use_backend(name):
+        ok.octav_fake_quantize(x, 4, dim=0)
+torch.cuda.synchronize()
+pynvml.nvmlInit()
+mine = os.getpid()
+seen = []
+for i in range(pynvml.nvmlDeviceGetCount()):
+    handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+    if any(p.pid == mine for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)):
+        seen.append(i)
+print(seen)
+"""
+
+
+@TWO_GPUS
+def test_a_process_opens_a_context_only_on_the_gpus_it_uses():
+    """Issue 29: importing the package and running ops on cuda:0 opens no CUDA context on the
+    other GPUs (the kernel-image decision reads compute capabilities, no probe per device).
+    Counted with pynvml in a fresh process; skips without pynvml."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("pynvml")
+    proc = subprocess.run([sys.executable, "-c", _CONTEXTS], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = proc.stdout.strip().splitlines()[-1]
+    if not seen.startswith("[0"):  # NVML lists host PIDs: a PID namespace hides ours
+        pytest.skip(f"pynvml does not list this process on cuda:0 ({seen})")
+    assert seen == "[0]", proc.stdout
+
+
 @TWO_GPUS
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_tensors_on_a_second_gpu(name):
