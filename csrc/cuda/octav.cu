@@ -243,9 +243,12 @@ __global__ void __launch_bounds__(kBlock)
 // write their partials, the grid synchronizes, and in every block thread g (< n_groups) adds the
 // bpg partials of group g in order and steps group g's iteration: every block holds the same
 // state of every group (bit-identical), so they agree on when all groups have stopped and take
-// the same number of grid barriers. Partials are double-buffered by pass parity. Then the
-// blocks write y for their slices (fused, y != nullptr).
+// the same number of grid barriers (a warp per group adds its partials: lanes over the bpg
+// partials, then the fixed butterfly of warp_sum). Partials are double-buffered by pass parity.
+// Then the blocks write y for their slices (fused, y != nullptr). The sums' order depends on the
+// grid (bpg), so results may differ from the block-per-group path's in the last bits.
 constexpr int kMaxFewGroups = 256;  // of the shared state (<= kBlock: a thread per group)
+static_assert(kMaxFewGroups <= kBlock, "the termination vote takes a thread per group");
 
 template <typename T, bool Signed, bool W>
 __global__ void __launch_bounds__(kBlock)
@@ -296,11 +299,14 @@ __global__ void __launch_bounds__(kBlock)
       if (threadIdx.x == 0) partials[parity * gridDim.x + blockIdx.x] = block;
     }
     grid.sync();
-    for (int g = threadIdx.x; g < n_groups; g += blockDim.x) {
+    const int lane = threadIdx.x % kWarp, n_warps = blockDim.x / kWarp;
+    for (int g = threadIdx.x / kWarp; g < n_groups; g += n_warps) {  // uniform over a warp
       if (state_phase[g] == 2) continue;
       Totals<W> t;
       const Totals<W>* mine = partials + parity * gridDim.x + g * bpg;
-      for (int64_t k = 0; k < bpg; ++k) t.add(mine[k]);
+      for (int64_t k = lane; k < bpg; k += kWarp) t.add(mine[k]);
+      t = warp_sum(t);  // every lane: the same total
+      if (lane != 0) continue;
       const float nxt = next_scale(t, solver.octav_const);
       if (state_phase[g] == 0) {  // the cold start: the mean of the nonzero a
         state_s[g] = nxt;
@@ -314,6 +320,7 @@ __global__ void __launch_bounds__(kBlock)
       state_phase[g] = stop || ++state_iters[g] >= solver.max_iters ? 2 : 1;
     }
     parity ^= 1;
+    __syncthreads();  // the warps' updates of the state, before every thread reads it
     // Every block reaches the same decision (the same state): the same number of barriers.
     const bool running = threadIdx.x < n_groups && state_phase[threadIdx.x] != 2;
     if (!__syncthreads_or(running)) break;

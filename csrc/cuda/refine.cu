@@ -56,7 +56,9 @@ __global__ void __launch_bounds__(kSseBlock)
       for (int k = 0; k < kMaxCandidates; ++k) {
         if (k >= K) break;  // uniform across the block
         const float q = quantize(v, step[k], lo, hi);
-        const bool exact = fabsf(v) <= bound[k];  // false for NaN and inf
+        // False for NaN, and for inf unless bound overflowed to inf (then q is inf too, and
+        // the float difference is the double one: inf or NaN).
+        const bool exact = fabsf(v) <= bound[k];
         const double d = exact ? static_cast<double>(__fsub_rn(q, v))
                                : __dsub_rn(static_cast<double>(q), static_cast<double>(v));
         if constexpr (W) {

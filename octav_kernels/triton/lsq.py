@@ -81,8 +81,8 @@ def fake_quantize_lsq_backward(grad_out, x, scale, bits, signed=True, dim=None, 
     grad_out = grad_out.to(x.dtype).contiguous()
     out = torch.empty_like(x)
     group_len = g.outer * g.inner
-    block = block_size(group_len, _TILE)
-    tile = _TILE // block  # short groups: several per program
+    block = block_size(group_len)
+    tile = _TILE // block if group_len <= block else 1  # short groups: several per program
     n_blocks = triton.cdiv(group_len, block)
     partial = torch.empty((g.n_groups, n_blocks), dtype=torch.float64, device=x.device)
     launch(_lsq_backward_kernel, (triton.cdiv(g.n_groups, tile) * n_blocks,), x,
