@@ -163,10 +163,10 @@ Sums group_sums(const GroupView<T>& g, float s) {
 
 // The importance-weighted statistics of one pass (SPEC §2.1): sum h a 1{out}, sum h 1{in},
 // sum h 1{out}; a bracket pass also keeps the weighted rule's max a (the largest magnitude of
-// positive importance, 0 if none; NaN entries are left to S_out), a plain pass leaves it
-// negative (unknown: weighted_max finds it when an iterate needs it).
+// positive importance, 0 if none; NaN entries are left to S_out). A plain pass leaves a_max 0:
+// its iteration takes weighted_max when an iterate needs it.
 struct WeightedSums {
-  double s_out = 0.0, w_in = 0.0, w_out = 0.0, a_max = -1.0;
+  double s_out = 0.0, w_in = 0.0, w_out = 0.0, a_max = 0.0;
 
   void add(const WeightedSums& o) {
     s_out += o.s_out;
@@ -247,14 +247,12 @@ double weighted_max(const GroupView<T>& g, const float* h) {
   return m;
 }
 
-// The weighted s_next: S_out / (c W_in + W_out), or the largest a of positive importance when
-// no weight lies above s and S_out is 0 (a NaN S_out stays NaN); rounded to float.
-template <typename T, bool Signed>
-float next_weighted(const WeightedSums& t, const GroupView<T>& g, const float* h,
-                    double octav_const) {
-  if (t.w_out == 0.0 && t.s_out == 0.0) {
-    return static_cast<float>(t.a_max >= 0.0 ? t.a_max : weighted_max<T, Signed>(g, h));
-  }
+// The weighted s_next: S_out / (c W_in + W_out), or max_a() (the largest a of positive
+// importance) when no weight lies above s and S_out is 0 (a NaN S_out stays NaN); rounded to
+// float.
+template <typename MaxFn>
+float next_weighted(const WeightedSums& t, double octav_const, const MaxFn& max_a) {
+  if (t.w_out == 0.0 && t.s_out == 0.0) return static_cast<float>(max_a());
   return static_cast<float>(t.s_out / (octav_const * t.w_in + t.w_out));
 }
 
@@ -285,15 +283,11 @@ inline bool finished(float nxt, float& s, float& prev, double rtol) {
   return false;
 }
 
-// Plain iteration from s for at most `iters` steps.
-template <typename T, bool Signed>
-float iterate_plain(const GroupView<T>& g, float s, float prev, int64_t iters,
-                    double octav_const, double rtol) {
+// Plain iteration from s for at most `iters` steps; next(s) is one pass's s_next.
+template <typename NextFn>
+float iterate_plain(const NextFn& next, float s, float prev, int64_t iters, double rtol) {
   for (int64_t it = 0; it < iters; ++it) {
-    const Sums t = group_sums<T, Signed>(g, s);
-    if (finished(next_scale(t.s_out, t.n_in, t.n_out, t.a_max, octav_const), s, prev, rtol)) {
-      break;
-    }
+    if (finished(next(s), s, prev, rtol)) break;
   }
   return s;
 }
@@ -521,7 +515,7 @@ struct WeightedBracket {
     inside.insert(inside.end(), o.inside.begin(), o.inside.end());
   }
 
-  float next(float s, double octav_const) const {  // (outside.a_max is known: no pass)
+  float next(float s, double octav_const) const {
     const C sc = static_cast<C>(s);
     WeightedSums t = outside;
     for (const auto& [v, w] : inside) {
@@ -530,8 +524,7 @@ struct WeightedBracket {
       t.w_out += out ? static_cast<double>(w) : 0.0;
       t.w_in += !out & (v > C(0)) ? static_cast<double>(w) : 0.0;
     }
-    if (t.w_out == 0.0 && t.s_out == 0.0) return static_cast<float>(t.a_max);
-    return static_cast<float>(t.s_out / (octav_const * t.w_in + t.w_out));
+    return next_weighted(t, octav_const, [&] { return t.a_max; });  // known: no pass
   }
 };
 
@@ -651,15 +644,15 @@ float octav_group(const GroupView<T>& g, const float* init, double octav_const,
                                            : 0.0;
   };
   auto bracket = [&](float lo, float hi) { return bracket_pass<T, Signed>(g, lo, hi); };
-  auto plain = [&](float s, float prev, int64_t iters) {
-    return iterate_plain<T, Signed>(g, s, prev, iters, octav_const, rtol);
-  };
-  auto cold = [&] {
-    const Sums t = group_sums<T, Signed>(g, 0.0f);
+  auto next = [&](float s) {
+    const Sums t = group_sums<T, Signed>(g, s);
     return next_scale(t.s_out, t.n_in, t.n_out, t.a_max, octav_const);
   };
+  auto plain = [&](float s, float prev, int64_t iters) {
+    return iterate_plain(next, s, prev, iters, rtol);
+  };
   return solve_group(g.len, init != nullptr ? init[g.c] : 0.0f, octav_const, max_iters, rtol,
-                     estimate, bracket, plain, cold);
+                     estimate, bracket, plain, [&] { return next(0.0f); });
 }
 
 // The weighted fixed point of one group (h: its row of the importance table): as octav_group,
@@ -668,7 +661,8 @@ template <typename T, bool Signed>
 float octav_group_weighted(const GroupView<T>& g, const float* h, const float* init,
                            double octav_const, int64_t max_iters, double rtol) {
   auto next = [&](float s) {
-    return next_weighted<T, Signed>(weighted_sums<T, Signed>(g, h, s), g, h, octav_const);
+    return next_weighted(weighted_sums<T, Signed>(g, h, s), octav_const,
+                         [&] { return weighted_max<T, Signed>(g, h); });
   };
   auto estimate = [&] {
     std::vector<double> weights;
@@ -681,10 +675,7 @@ float octav_group_weighted(const GroupView<T>& g, const float* h, const float* i
     return weighted_bracket_pass<T, Signed>(g, h, lo, hi);
   };
   auto plain = [&](float s, float prev, int64_t iters) {
-    for (int64_t it = 0; it < iters; ++it) {
-      if (finished(next(s), s, prev, rtol)) break;
-    }
-    return s;
+    return iterate_plain(next, s, prev, iters, rtol);
   };
   return solve_group(g.len, init != nullptr ? init[g.c] : 0.0f, octav_const, max_iters, rtol,
                      estimate, bracket, plain, [&] { return next(0.0f); });

@@ -102,16 +102,11 @@ OCTAV_AVX512 __m512 quantized(__m512 x, __m512 step, __m512 lo, __m512 hi) {
   return _mm512_mul_ps(_mm512_min_ps(hi, _mm512_max_ps(lo, n)), step);
 }
 
-// The terms t0 (lanes 0-7) and t1 (8-15) added to a and b.
-OCTAV_AVX512 void add_terms(__m512d t0, __m512d t1, __m512d& a, __m512d& b) {
-  a = _mm512_add_pd(a, t0);
-  b = _mm512_add_pd(b, t1);
-}
-
-// The terms of the differences d0, d1 added to a, b: d * d, by an FMA where d is exact (Fused: an
-// exact product, so the same sum). Weighted (W): the exact square d * d, then h times it fused
-// into the add (h * d^2 unrounded: each term within half an ulp of the reference's rounded one,
-// below the float64 sum's own rounding; 1.21x -> 1.11x the unweighted pass here).
+// The terms of the differences d0 (lanes 0-7), d1 (8-15) added to a, b: d * d, by an FMA where d
+// is exact (Fused: an exact product, so the same sum). Weighted (W): the exact square d * d, then
+// h times it fused into the add (h * d^2 unrounded: each term within half an ulp of the
+// reference's rounded one, below the float64 sum's own rounding; 1.21x -> 1.11x the unweighted
+// pass here).
 template <bool W, bool Fused>
 OCTAV_AVX512 void add_diffs(__m512d d0, __m512d d1, __m512d h0, __m512d h1, __m512d& a,
                             __m512d& b) {
@@ -122,15 +117,15 @@ OCTAV_AVX512 void add_diffs(__m512d d0, __m512d d1, __m512d h0, __m512d h1, __m5
     a = _mm512_fmadd_pd(d0, d0, a);
     b = _mm512_fmadd_pd(d1, d1, b);
   } else {
-    add_terms(_mm512_mul_pd(d0, d0), _mm512_mul_pd(d1, d1), a, b);
+    a = _mm512_add_pd(a, _mm512_mul_pd(d0, d0));
+    b = _mm512_add_pd(b, _mm512_mul_pd(d1, d1));
   }
 }
 
 constexpr int64_t kPrefetch = 512;  // elements ahead
 
-// Weighted (W, SPEC §2.1), each term is double(h) * (d * d): the square is exact, so it is formed
-// by a product and then multiplied by h and added (no FMA), the same rounded term as the
-// reference's h * (q - x)^2. h is converted once per block for all of the set's candidates.
+// Weighted (W, SPEC §2.1), each term is h * (d * d) (add_diffs); h is converted once per block for
+// all of the set's candidates.
 template <int G, bool W>
 __attribute__((target("avx512f"))) void sse_avx512_set(const float* xs, const float* hs,
                                                        int64_t n, const float* steps, float lo,
@@ -195,11 +190,6 @@ OCTAV_AVX2 __m256 quantized(__m256 x, __m256 step, __m256 lo, __m256 hi) {
   return _mm256_mul_ps(_mm256_min_ps(hi, _mm256_max_ps(lo, n)), step);
 }
 
-OCTAV_AVX2 void add_terms(__m256d t0, __m256d t1, __m256d& a, __m256d& b) {
-  a = _mm256_add_pd(a, t0);
-  b = _mm256_add_pd(b, t1);
-}
-
 template <bool W, bool Fused>
 OCTAV_AVX2 void add_diffs(__m256d d0, __m256d d1, __m256d h0, __m256d h1, __m256d& a,
                           __m256d& b) {
@@ -210,7 +200,8 @@ OCTAV_AVX2 void add_diffs(__m256d d0, __m256d d1, __m256d h0, __m256d h1, __m256
     a = _mm256_fmadd_pd(d0, d0, a);
     b = _mm256_fmadd_pd(d1, d1, b);
   } else {
-    add_terms(_mm256_mul_pd(d0, d0), _mm256_mul_pd(d1, d1), a, b);
+    a = _mm256_add_pd(a, _mm256_mul_pd(d0, d0));
+    b = _mm256_add_pd(b, _mm256_mul_pd(d1, d1));
   }
 }
 
@@ -558,7 +549,7 @@ at::Tensor Kernels::candidate_sse(const at::Tensor& x, const at::Tensor& cand, c
           const float* xs = group_elements(xp, outer, n_groups, inner, g, begin, end, buf.data());
           const float* hs = h.defined() ? importance_row(h, g, len) + begin : nullptr;
           buffer_sse(xs, hs, end - begin, cp + g * K, K, static_cast<float>(L),
-                      static_cast<float>(lo), static_cast<float>(hi), part);
+                     static_cast<float>(lo), static_cast<float>(hi), part);
           for (int64_t k = 0; k < K; ++k) op[g * K + k] += part[k];
         }
       }
