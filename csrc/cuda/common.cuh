@@ -37,6 +37,15 @@ constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // per block of the elementwise and LSQ kernels
 constexpr int kChunk = 8;  // elements per thread step of the elementwise kernels: 16 or 32 bytes
 
+// Offset of element j of group c in the contiguous [outer, n_groups, inner] view of a tensor
+// (element j of a group is x[j / inner, c, j % inner]).
+__device__ __forceinline__ int64_t group_offset(int64_t j, int64_t c, int64_t outer,
+                                                int64_t n_groups, int64_t inner) {
+  if (outer == 1) return c * inner + j;
+  const int64_t o = j / inner;
+  return (o * n_groups + c) * inner + (j - o * inner);
+}
+
 // 8 consecutive elements through 16-byte loads and stores (p 16-byte aligned).
 template <typename T>
 struct alignas(16) Chunk {

@@ -32,13 +32,6 @@ __device__ __forceinline__ double lsq_element(const T* __restrict__ grad, const 
   return __dmul_rn(static_cast<double>(g), static_cast<double>(d));
 }
 
-// Offset of element j of group c in the contiguous [outer, n_groups, inner] layout.
-__device__ __forceinline__ int64_t lsq_offset(int64_t j, int64_t c, int64_t outer,
-                                              int64_t n_groups, int64_t inner) {
-  const int64_t o = outer == 1 ? 0 : j / inner;
-  return (o * n_groups + c) * inner + (j - o * inner);
-}
-
 // Long contiguous groups: item b = c * splits + split is elements [split * per, (split + 1) *
 // per) of group c; a block writes their grad_x and the float64 sum of their terms (blocks loop
 // over items; the partials are added per group in order after).
@@ -58,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
     double acc = 0.0;
     for (int64_t j = split * per + threadIdx.x; j < end; j += blockDim.x) {
       acc = __dadd_rn(acc, lsq_element<T, Signed, M>(grad, x, gx, frozen,
-                                                     lsq_offset(j, c, outer, n_groups, inner),
+                                                     group_offset(j, c, outer, n_groups, inner),
                                                      s, step, lo, hi));
     }
     for (int d = kWarp / 2; d > 0; d /= 2) acc += __shfl_down_sync(0xffffffffu, acc, d);
@@ -91,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     double acc = 0.0;
     for (int64_t j = lane; j < len; j += kWarp) {
       acc = __dadd_rn(acc, lsq_element<T, Signed, M>(grad, x, gx, frozen,
-                                                     lsq_offset(j, c, outer, n_groups, inner),
+                                                     group_offset(j, c, outer, n_groups, inner),
                                                      s, step, lo, hi));
     }
     for (int d = kWarp / 2; d > 0; d /= 2) acc += __shfl_down_sync(0xffffffffu, acc, d);
@@ -120,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
     double acc = 0.0;
     for (int64_t j = split * per; j < end; ++j) {
       acc = __dadd_rn(acc, lsq_element<T, Signed, M>(grad, x, gx, frozen,
-                                                     lsq_offset(j, c, outer, n_groups, inner),
+                                                     group_offset(j, c, outer, n_groups, inner),
                                                      s, step, lo, hi));
     }
     partials[c * splits + split] = acc;

@@ -48,9 +48,7 @@ struct Geometry {
 
   __host__ __device__ int64_t len() const { return outer * inner; }
   __device__ __forceinline__ int64_t offset(int64_t c, int64_t j) const {
-    if (outer == 1) return c * inner + j;
-    const int64_t o = j / inner;
-    return (o * n_groups + c) * inner + (j - o * inner);
+    return group_offset(j, c, outer, n_groups, inner);
   }
 };
 
@@ -409,22 +407,23 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-// Whether the current device takes cooperative launches (cudaDevAttrCooperativeLaunch: every
-// GPU from sm_60 on, though a virtualized one may refuse). Asked of the driver on each call.
-bool cooperative_launch_supported() {
-  int device = 0, supported = 0;
+// An attribute of the current device, as the driver reports it now (not the properties torch
+// cached at start-up).
+int current_device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&supported, cudaDevAttrCooperativeLaunch, device));
-  return supported != 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
 }
 
-// The SM count of the current device, as the driver reports it now.
-int current_sms() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+// Whether the current device takes cooperative launches (cudaDevAttrCooperativeLaunch: every
+// GPU from sm_60 on, though a virtualized one may refuse).
+bool cooperative_launch_supported() {
+  return current_device_attribute(cudaDevAttrCooperativeLaunch) != 0;
 }
+
+// The SM count of the current device (under MPS with an active-thread limit, this client's).
+int current_sms() { return current_device_attribute(cudaDevAttrMultiProcessorCount); }
 
 // The path solve() takes on the current device; weighted, an on-chip group also holds its
 // importance (4 bytes an element). Global-memory groups fewer than the SMs are split across

@@ -47,8 +47,7 @@ __global__ void __launch_bounds__(kSseBlock)
     }
     const int64_t end = std::min(len, (split + 1) * per);
     for (int64_t e = split * per + threadIdx.x; e < end; e += blockDim.x) {
-      const int64_t o = outer == 1 ? 0 : e / inner;
-      const int64_t at = (o * n_groups + g) * inner + (e - o * inner);
+      const int64_t at = group_offset(e, g, outer, n_groups, inner);
       const float v = static_cast<float>(x[at]);
       double hd = 1.0;
       if constexpr (W) hd = static_cast<double>(h[at]);
